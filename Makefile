@@ -1,0 +1,40 @@
+# Two entry points: `make demo` and `make test`. Both build and reuse .venv/.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-0.1.0
+TORCH := torch==2.13.0
+SYS_PACKAGES := espeak-ng wordnet-base
+DATA := data
+.PHONY: demo test lint sysdeps venv bench clean
+
+$(STAMP): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian packages the sample data is made from (installed when run as root).
+sysdeps:
+	@missing=""; for p in $(SYS_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; exit 1; fi; fi
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check d2v_plugin tests bench examples
+
+test: $(STAMP) sysdeps lint
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP) sysdeps
+	$(PY) examples/speech_demo.py --work $(DATA)/demo
+
+bench: $(STAMP) sysdeps
+	$(PY) bench/pretrain.py --out $(DATA)/bench/pretrain.json
+
+clean:
+	rm -rf $(VENV) $(DATA)

@@ -1,0 +1,52 @@
+"""fairseq adapter: the ``d2v`` criterion — sums the model's losses, logs diagnostics."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+
+# logged per batch and averaged over batches (all summable, so distributed CPU/gloo works)
+MEAN_KEYS = ("target_var", "pred_var", "masked_pct", "ema_decay")
+
+
+@dataclass
+class D2vCriterionConfig(FairseqDataclass):
+    pass
+
+
+@register_criterion("d2v", dataclass=D2vCriterionConfig)
+class D2vCriterion(FairseqCriterion):
+    """loss = sum of ``net_output["losses"]``; gradients are divided by
+    ``sample_size`` = number of masked positions (regression targets)."""
+
+    def forward(self, model, sample, reduce=True):
+        out = model(**sample["net_input"])
+        loss = sum(out["losses"].values())
+        sample_size = out["sample_size"]
+        log = {
+            "loss": loss.detach().item(),
+            "sample_size": sample_size,
+            "nsentences": sample["net_input"]["source"].size(0),
+            "ntokens": sample_size,
+            "batches": 1,
+        }
+        for k in MEAN_KEYS:
+            log[k] = float(out[k])
+        return loss, sample_size, log
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        total = lambda k: sum(log.get(k, 0) for log in logging_outputs)  # noqa: E731
+        sample_size, batches = total("sample_size"), max(total("batches"), 1)
+        metrics.log_scalar("loss", total("loss") / max(sample_size, 1), sample_size, round=4)
+        metrics.log_scalar("sample_size", sample_size)
+        for k in MEAN_KEYS:
+            value = total(k) / batches
+            metrics.log_scalar(k, value * 1000 if k == "ema_decay" else value, batches, round=5 if k != "ema_decay" else 3)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+

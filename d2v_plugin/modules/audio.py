@@ -1,0 +1,122 @@
+"""The speech modality encoder (data2vec 1.0 §3.1 / data2vec 2.0 §3.2, "Speech").
+
+waveform (B, L) --conv feature extractor--> (B, C, T) --LayerNorm, Linear--> (B, T, D)
+"local features", shared by student and teacher. Then, per view:
+  + convolutional positional encoding (computed on the full sequence; for the
+    data2vec 2.0 student with masked frames zeroed, before masked frames are dropped)
+  -> context: LayerNorm, dropout, ``prenet_depth`` blocks (with ALiBi if enabled).
+data2vec 1.0 replaces masked frames with a learned ``mask_emb``; data2vec 2.0 drops
+them and fills them back in for the ``decoder``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .decoder import ConvDecoder1d
+from .feature_extractor import ConvFeatureExtractor, frame_padding_mask, parse_conv_spec
+from .masking import MaskSettings
+from .positional import ConvPositionalEncoder, alibi_bias_1d, alibi_slopes
+from .transformer import Block, run_blocks
+
+
+class ContextEncoder(nn.Module):
+    """LayerNorm (post-LN models) -> dropout -> prenet blocks."""
+
+    def __init__(self, dim: int, norm_eps: float, dropout: float, blocks: nn.ModuleList, layer_norm_first: bool):
+        super().__init__()
+        self.norm = None if layer_norm_first else nn.LayerNorm(dim, eps=norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = blocks
+
+    def forward(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        x, _ = run_blocks(self.blocks, self.dropout(x), bias, keep_last=0)
+        return x
+
+
+def scale_grad(x: Tensor, mult: float) -> Tensor:
+    """Identity forward; gradient multiplied by ``mult``."""
+    return x if mult == 1.0 else x * mult + x.detach() * (1.0 - mult)
+
+
+class AudioEncoder(nn.Module):
+    modality = "audio"
+
+    def __init__(self, cfg, algorithm: str, make_block):
+        """cfg: the model config (``audio_*`` fields, ``embed_dim``, ...);
+        make_block(i, depth) builds one prenet block."""
+        super().__init__()
+        D = cfg.embed_dim
+        self.spec = parse_conv_spec(cfg.audio_conv_feature_layers)
+        self.feature_extractor = ConvFeatureExtractor(self.spec, cfg.audio_extractor_mode)
+        self.project = nn.Sequential()
+        self.project.add_module("norm", nn.LayerNorm(self.spec[-1].dim))
+        self.project.add_module("linear", nn.Linear(self.spec[-1].dim, D))
+        self.feature_grad_mult = cfg.audio_feature_grad_mult
+        self.pos_conv = ConvPositionalEncoder(D, cfg.audio_conv_pos_width, cfg.audio_conv_pos_depth, cfg.audio_conv_pos_groups)
+        prenet = nn.ModuleList(make_block(i, cfg.audio_prenet_depth) for i in range(cfg.audio_prenet_depth))
+        self.context = ContextEncoder(D, cfg.norm_eps, cfg.audio_prenet_dropout, prenet, cfg.layer_norm_first)
+        self.use_alibi = cfg.audio_use_alibi
+        self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(cfg.num_heads)), persistent=False)
+        self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads)) if cfg.audio_use_alibi and cfg.audio_alibi_learned_scale else None
+        self.zero_padding = algorithm == "v1" or cfg.padding_aware
+        self.masking = MaskSettings.from_config(cfg, "audio")
+        self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if algorithm == "v1" else None
+        self.decoder = (
+            ConvDecoder1d(
+                D, cfg.audio_decoder_dim, cfg.audio_decoder_kernel, cfg.audio_decoder_layers, cfg.audio_decoder_groups,
+                cfg.audio_decoder_residual, cfg.audio_decoder_projection_layers, cfg.audio_decoder_projection_ratio,
+            )
+            if algorithm == "v2"
+            else None
+        )
+
+    # -- shared by student and teacher -------------------------------------------------
+    def local_features(self, source: Tensor, padding_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
+        """source: (B, L) waveform, padding_mask: (B, L) -> features (B, T, D), frame padding (B, T) | None."""
+        if self.feature_grad_mult > 0:
+            feats = scale_grad(self.feature_extractor(source), self.feature_grad_mult)
+        else:
+            with torch.no_grad():
+                feats = self.feature_extractor(source)
+        feats = self.project(feats.transpose(1, 2))  # (B, T, D)
+        return feats, frame_padding_mask(padding_mask, feats.shape[1], self.spec)
+
+    def frame_lengths(self, padding_mask: Optional[Tensor], batch: int, num_frames: int) -> Tensor:
+        if padding_mask is None:
+            return torch.full((batch,), num_frames, dtype=torch.long)
+        return (~padding_mask).sum(1).cpu()
+
+    def add_positions(self, x: Tensor, padding_mask: Optional[Tensor], zero_mask: Optional[Tensor] = None) -> Tensor:
+        """x: (B, T, D) full sequence -> x + conv positions; frames in ``zero_mask`` (B, T)
+        are zeroed in the positional encoder's input only (data2vec 2.0 student)."""
+        if self.zero_padding and padding_mask is not None:
+            x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+        inp = x if zero_mask is None else x.masked_fill(zero_mask.unsqueeze(-1), 0.0)
+        return x + self.pos_conv(inp)
+
+    def alibi(self, positions: Tensor) -> Optional[Tensor]:
+        """positions: (B, K) time index of each token -> (B, H, K, K) bias or None."""
+        if not self.use_alibi:
+            return None
+        return alibi_bias_1d(positions, self.alibi_slopes, self.alibi_scale)
+
+    def teacher_copy(self) -> "AudioEncoder":
+        """What the EMA teacher owns: positions, context, ALiBi scale (the feature
+        extractor and projection are shared with the student; no decoder)."""
+        twin = copy.copy(self)
+        twin._modules = dict(self._modules)
+        twin._parameters = dict(self._parameters)
+        for name in ("feature_extractor", "project", "decoder"):
+            twin._modules[name] = None
+        twin._parameters["mask_emb"] = None
+        return twin
+
+    def remove_pretraining_modules(self) -> None:
+        self.decoder = None

@@ -1,0 +1,223 @@
+"""data2vec 1.0 and 2.0 in one model (data2vec 1.0 §3, data2vec 2.0 §3).
+
+    forward = forward_teacher (targets from the unmasked input, once per sample)
+            + forward_student (v1: masked input with mask embeddings, linear head;
+                               v2: kept tokens only, conv decoder, ``clone_batch`` views)
+            + forward_loss   (regression at masked positions)
+
+A dict of modality encoders sits in front of one shared stack of Transformer blocks.
+The EMA teacher owns copies of the shared blocks and of the encoder parts after the
+local features; it is stepped by ``ema_step`` once per optimizer update.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .audio import AudioEncoder
+from .ema import EMATeacher, ema_decay_at
+from .loss import CollapseMonitor, channel_std, regression_loss
+from .masking import kept_positions
+from .targets import build_targets
+from .transformer import Block, attention_bias, run_blocks
+
+EMA_KEY = "_ema"
+ENCODERS = {"audio": AudioEncoder}  # modality name -> encoder class
+logger = logging.getLogger(__name__)
+
+
+def init_bert_params(module: nn.Module) -> None:
+    """N(0, 0.02) for Linear weights (zero bias), as BERT and the reference."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class Data2Vec(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.algorithm not in ("v1", "v2"):
+            raise ValueError(f"algorithm={cfg.algorithm!r}: choose v1 (data2vec 1.0) or v2 (data2vec 2.0)")
+        self.cfg = cfg
+        self.algorithm = cfg.algorithm
+        modalities = [m.strip() for m in str(cfg.modalities).split(",") if m.strip()]
+        unknown = [m for m in modalities if m not in ENCODERS]
+        if unknown or not modalities:
+            raise ValueError(f"modalities={cfg.modalities!r}: each must be one of {sorted(ENCODERS)}")
+        self.modality_encoders = nn.ModuleDict(
+            {m: ENCODERS[m](cfg, cfg.algorithm, self.make_block) for m in modalities}
+        )
+        self.blocks = nn.ModuleList(self.make_block(i, cfg.depth) for i in range(cfg.depth))
+        self.dropout_input = nn.Dropout(cfg.dropout_input)
+        self.final_proj = nn.Linear(cfg.embed_dim, cfg.embed_dim) if cfg.algorithm == "v1" else None
+        self.apply(init_bert_params)
+        for enc in self.modality_encoders.values():  # default init for the projections, as the reference
+            enc.project.linear.reset_parameters()
+            if enc.decoder is not None:
+                for m in enc.decoder.proj.modules():
+                    if isinstance(m, nn.Linear):
+                        m.reset_parameters()
+        self.num_updates = 0
+        self.ema_decay = cfg.ema_decay
+        self.ema_steps = 0
+        self.collapse = CollapseMonitor(
+            cfg.min_target_var, cfg.min_pred_var, cfg.collapse_check_start_update, cfg.collapse_patience
+        )
+        self.teacher: Optional[EMATeacher] = None
+        self.make_teacher()
+        self._register_state_dict_hook(_teacher_to_ema_entry)
+        self._register_load_state_dict_pre_hook(_ema_entry_to_teacher, with_module=True)
+
+    def make_block(self, i: int, depth: int) -> Block:
+        cfg = self.cfg
+        return Block(
+            cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.encoder_dropout, cfg.attention_dropout,
+            cfg.activation_dropout, cfg.post_mlp_dropout, cfg.drop_path * i / max(1, depth - 1), cfg.layer_norm_first,
+        )
+
+    def make_teacher(self) -> None:
+        encoders = nn.ModuleDict({m: enc.teacher_copy() for m, enc in self.modality_encoders.items()})
+        copy_prefixes = tuple(
+            f"modality_encoders.{m}.pos_conv." for m, enc in self.modality_encoders.items() if self.cfg.ema_copy_pos_conv
+        )
+        self.teacher = EMATeacher({"modality_encoders": encoders, "blocks": self.blocks}, copy_prefixes)
+
+    # -- EMA ---------------------------------------------------------------------------
+    def set_num_updates(self, num_updates: int) -> None:
+        self.num_updates = num_updates
+
+    def ema_step(self, num_updates: int) -> None:
+        """Called once after each optimizer update; ``num_updates`` counts that update."""
+        self.ema_decay = ema_decay_at(num_updates, self.cfg.ema_decay, self.cfg.ema_end_decay, self.cfg.ema_anneal_end_step)
+        if self.teacher is not None and self.ema_decay < 1.0:
+            self.teacher.step(self, self.ema_decay)
+            self.ema_steps += 1
+
+    # -- forward -----------------------------------------------------------------------
+    def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, mask: Optional[Tensor] = None,
+                modality: str = "audio", **unused) -> Dict:
+        """source: modality input (audio: (B, L)); mask: (B * clone_batch, T) bool, True =
+        masked (drawn here if None). Returns losses, sample_size and diagnostics."""
+        enc = self.modality_encoders[modality]
+        feats, pad = enc.local_features(source, padding_mask)  # (B, T, D), (B, T) | None
+        B, T, _ = feats.shape
+        if mask is None:
+            mask = enc.masking(enc.frame_lengths(pad, B, T), T).to(feats.device)
+        targets, _ = self.forward_teacher(modality, feats, pad)  # (B, T, D) fp32
+        pred = self.forward_student(modality, feats, pad, mask)  # (N, D)
+        return self.forward_loss(pred, targets, mask)
+
+    def encode(self, enc, x: Tensor, padding_mask: Optional[Tensor], positions: Tensor, blocks: nn.ModuleList,
+               keep_last: Optional[int] = 0):
+        """Context encoder + shared blocks. x: (B, K, D) with positions added;
+        positions: (B, K) time index of each token (for ALiBi)."""
+        bias = attention_bias(padding_mask, enc.alibi(positions), x.dtype)
+        x = self.dropout_input(enc.context(x, bias))
+        return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
+
+    @torch.no_grad()
+    def forward_teacher(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor]):
+        """feats: (B, T, D) local features -> targets (B, T, D) fp32, top-K FFN outputs."""
+        enc = self.teacher.modality_encoders[modality]
+        K = self.cfg.average_top_k_layers
+        x = enc.add_positions(feats.detach().float(), padding_mask)
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        _, layer_outputs = self.encode(enc, x, padding_mask, positions, self.teacher.blocks, keep_last=K)
+        norm_pad = padding_mask if self.cfg.padding_aware else None
+        return build_targets(layer_outputs, K, self.cfg.target_layer_norm, self.cfg.target_final_norm, norm_pad), layer_outputs
+
+    def forward_student(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], mask: Tensor) -> Tensor:
+        """-> predictions at masked positions (N, D), row-major over (B * clone_batch, T)."""
+        enc = self.modality_encoders[modality]
+        M = self.cfg.clone_batch
+        x = feats.repeat_interleave(M, 0) if M > 1 else feats  # (BM, T, D)
+        pad = padding_mask.repeat_interleave(M, 0) if padding_mask is not None and M > 1 else padding_mask
+        if mask.shape != x.shape[:2]:
+            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected (batch * clone_batch, frames) = {tuple(x.shape[:2])}")
+        if self.algorithm == "v1":
+            x = torch.where(mask.unsqueeze(-1), enc.mask_emb.to(x.dtype), x)
+            x = enc.add_positions(x, pad)
+            positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+            h, _ = self.encode(enc, x, pad, positions, self.blocks)
+            return self.final_proj(h[mask])
+        keep_ids, keep_pad = kept_positions(mask)  # (BM, K)
+        x = enc.add_positions(x, pad, zero_mask=mask)
+        x = torch.gather(x, 1, keep_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (BM, K, D)
+        if pad is not None:
+            keep_pad = keep_pad | torch.gather(pad, 1, keep_ids)
+        h, _ = self.encode(enc, x, keep_pad if keep_pad.any() else None, keep_ids, self.blocks)
+        return enc.decoder(self.decoder_input(h, keep_ids, keep_pad, mask, enc))[mask]
+
+    def decoder_input(self, h: Tensor, keep_ids: Tensor, keep_pad: Tensor, mask: Tensor, enc) -> Tensor:
+        """Encoder output at kept positions (BM, K, D) -> full sequence (BM, T, D) with
+        N(0, mask_noise_std) at masked positions."""
+        h = nn.functional.dropout(h, self.cfg.decoder_input_dropout, self.training)
+        BM, T = mask.shape
+        full = h.new_empty(BM, T + 1, h.shape[-1]).normal_(0, self.cfg.mask_noise_std)
+        slots = keep_ids.masked_fill(keep_pad & mask.gather(1, keep_ids), T)  # filler entries -> trash slot T
+        full.scatter_(1, slots.unsqueeze(-1).expand_as(h), h)
+        return full[:, :T]
+
+    def forward_loss(self, pred: Tensor, targets: Tensor, mask: Tensor) -> Dict:
+        """pred: (N, D); targets: (B, T, D) -> regression at the N masked positions."""
+        M = self.cfg.clone_batch
+        y = (targets.repeat_interleave(M, 0) if M > 1 else targets)[mask]  # (N, D)
+        loss = regression_loss(pred, y, self.cfg.loss, self.cfg.loss_beta, self.cfg.loss_scale)
+        target_var, pred_var = channel_std(y), channel_std(pred)
+        if self.training:
+            self.collapse.check(self.num_updates, float(target_var), float(pred_var))
+        return {
+            "losses": {"regression": loss.sum()},
+            "sample_size": int(mask.sum()),
+            "target_var": target_var,
+            "pred_var": pred_var,
+            "masked_pct": float(mask.float().mean()),
+            "ema_decay": self.ema_decay,
+        }
+
+    # -- feature extraction / fine-tuning ------------------------------------------------
+    def extract_features(self, source: Tensor, padding_mask: Optional[Tensor] = None, modality: str = "audio",
+                         layer: Optional[int] = None) -> Dict:
+        """Student features of the unmasked input: x (B, T, D), padding_mask (B, T) | None,
+        layer_results (per block FFN output); ``layer`` stops after that block (0-based)."""
+        enc = self.modality_encoders[modality]
+        feats, pad = enc.local_features(source, padding_mask)
+        x = enc.add_positions(feats, pad)
+        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        blocks = self.blocks if layer is None else self.blocks[: layer + 1]
+        x, layer_results = self.encode(enc, x, pad, positions, blocks, keep_last=None)
+        return {"x": x, "padding_mask": pad, "layer_results": layer_results}
+
+    def remove_pretraining_modules(self, modality: Optional[str] = None) -> None:
+        """Drop the teacher, decoders, regression head (and other modalities)."""
+        self.teacher = None
+        self.final_proj = None
+        for name in list(self.modality_encoders):
+            if modality is not None and name != modality:
+                del self.modality_encoders[name]
+            else:
+                self.modality_encoders[name].remove_pretraining_modules()
+
+
+def _teacher_to_ema_entry(module: Data2Vec, state: Dict, prefix: str, local_metadata) -> None:
+    """Store the teacher as one ``_ema`` entry: a dict of fp32 tensors named like the student."""
+    tp = prefix + "teacher."
+    ema = {k[len(tp):]: state.pop(k) for k in [k for k in state if k.startswith(tp)]}
+    if module.teacher is not None:
+        state[prefix + EMA_KEY] = ema
+
+
+def _ema_entry_to_teacher(module: Data2Vec, state: Dict, prefix: str, local_metadata, strict, missing, unexpected, errors) -> None:
+    ema = state.pop(prefix + EMA_KEY, None)
+    if module.teacher is None:
+        return
+    if ema is None:  # a checkpoint without its teacher: restart the teacher from the student
+        logger.warning("checkpoint has no %r entry: the teacher starts as a copy of the student", EMA_KEY)
+        ema = {k: state[prefix + k] for k, _ in module.teacher.state_dict().items() if prefix + k in state}
+    for k, v in ema.items():
+        state[prefix + "teacher." + k] = v

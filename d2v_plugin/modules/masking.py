@@ -1,0 +1,128 @@
+"""Masks as data (data2vec 1.0 §3.2, data2vec 2.0 §3.3).
+
+Every mask here is a bool tensor, True = hidden from the student, drawn from an
+explicit ``torch.Generator`` so a (seed, epoch, sample ids) triple reproduces it in
+any process. Padding (positions >= a row's length) is never masked.
+
+* ``block_mask_1d`` (data2vec 2.0 speech): blocks of ``mask_length`` frames around
+  random centres, then single frames are added or removed at random until exactly
+  ``int(length * mask_prob)`` frames of the row are masked.
+* ``span_mask_1d`` (data2vec 1.0 / wav2vec 2.0): ``int(mask_prob * length /
+  mask_length + u)`` span starts (u ~ U[0,1)), each masking ``mask_length`` frames;
+  spans may overlap (p=0.65, length 10 masks about half of the frames).
+* ``kept_positions``: where the unmasked tokens are, in increasing time order.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from integers (seed, epoch, ids...) — stable across
+    processes, unlike Python's salted ``hash``."""
+    state = 0x9E3779B97F4A7C15
+    for k in keys:
+        state = (state ^ (int(k) & 0xFFFFFFFFFFFFFFFF)) * 0x100000001B3 & 0xFFFFFFFFFFFFFFFF
+    return torch.Generator().manual_seed(state & 0x7FFFFFFFFFFFFFFF)
+
+
+def _fix_count(row: Tensor, target: int, generator: torch.Generator) -> None:
+    """Flip random positions of the 1-D bool ``row`` in place until it has ``target`` Trues."""
+    n = int(row.sum())
+    if n == target:
+        return
+    pool = row.nonzero().squeeze(1) if n > target else (~row).nonzero().squeeze(1)
+    pick = pool[torch.randperm(len(pool), generator=generator)[: abs(n - target)]]
+    row[pick] = n < target
+
+
+def block_mask_1d(
+    lengths: Tensor,
+    num_frames: int,
+    mask_prob: float,
+    mask_length: int,
+    mask_prob_adjust: float = 0.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """lengths: (B,) valid frames per row -> (B, num_frames) bool with exactly
+    ``int(lengths[b] * mask_prob)`` masked frames in row b, none in its padding."""
+    mask = torch.zeros(len(lengths), num_frames, dtype=torch.bool)
+    offsets = torch.arange(mask_length) - mask_length // 2
+    for b, length in enumerate(lengths.tolist()):
+        if length <= 0:
+            continue
+        n_centres = int(length * (mask_prob + mask_prob_adjust) / mask_length)
+        if n_centres > 0:
+            centres = torch.randint(0, length, (n_centres,), generator=generator)
+            mask[b, (centres[:, None] + offsets).clamp(0, length - 1).flatten()] = True
+        _fix_count(mask[b, :length], int(length * mask_prob), generator)
+    return mask
+
+
+def span_mask_1d(
+    lengths: Tensor,
+    num_frames: int,
+    mask_prob: float,
+    mask_length: int,
+    min_masks: int = 1,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """lengths: (B,) -> (B, num_frames) bool of overlapping spans, none in padding."""
+    mask = torch.zeros(len(lengths), num_frames, dtype=torch.bool)
+    for b, length in enumerate(lengths.tolist()):
+        u = float(torch.rand((), generator=generator))
+        n_spans = max(min_masks, int(mask_prob * length / mask_length + u))
+        span = min(mask_length, length)
+        n_starts = length - span + 1
+        if n_starts <= 0:
+            continue
+        starts = torch.randperm(n_starts, generator=generator)[: min(n_spans, n_starts)]
+        mask[b, (starts[:, None] + torch.arange(span)).flatten()] = True
+    return mask
+
+
+def kept_positions(mask: Tensor) -> Tuple[Tensor, Tensor]:
+    """mask: (B, T) bool -> keep_ids (B, K), keep_padding (B, K) bool.
+
+    K is the largest number of unmasked positions in a row; rows with fewer get
+    trailing filler entries (pointing at masked positions) marked True in
+    ``keep_padding``. The kept tokens keep their time order (a stable sort), unlike
+    the reference's unstable argsort.
+    """
+    counts = (~mask).sum(1)  # (B,)
+    K = int(counts.max()) if mask.numel() else 0
+    keep_ids = torch.sort(mask.to(torch.uint8), dim=1, stable=True).indices[:, :K]  # (B, K)
+    keep_padding = torch.arange(K, device=mask.device)[None, :] >= counts[:, None]
+    return keep_ids, keep_padding
+
+
+class MaskSettings:
+    """How one modality draws its masks: kind (block | span), prob, length, adjust,
+    and how many masked views (``clone_batch``) each sample gets."""
+
+    KINDS = ("block", "span")
+
+    def __init__(self, kind: str, prob: float, length: int, adjust: float = 0.0, clone_batch: int = 1):
+        if kind not in self.KINDS:
+            raise ValueError(f"mask type {kind!r}: choose one of {self.KINDS}")
+        if not 0.0 <= prob < 1.0:
+            raise ValueError(f"mask_prob={prob} must be in [0, 1)")
+        if length < 1 or clone_batch < 1:
+            raise ValueError(f"mask_length={length} and clone_batch={clone_batch} must be >= 1")
+        self.kind, self.prob, self.length, self.adjust, self.clone_batch = kind, prob, length, adjust, clone_batch
+
+    @classmethod
+    def from_config(cls, cfg, modality: str) -> "MaskSettings":
+        get = lambda name: getattr(cfg, f"{modality}_{name}")  # noqa: E731
+        return cls(get("mask_type"), get("mask_prob"), get("mask_length"), get("mask_prob_adjust"), cfg.clone_batch)
+
+    def __call__(self, lengths: Tensor, num_frames: int, generator: Optional[torch.Generator] = None) -> Tensor:
+        """lengths: (B,) valid positions per sample -> (B * clone_batch, num_frames) bool;
+        row b * clone_batch + c is view c of sample b."""
+        lengths = lengths.repeat_interleave(self.clone_batch)
+        if self.kind == "block":
+            return block_mask_1d(lengths, num_frames, self.prob, self.length, self.adjust, generator)
+        return span_mask_1d(lengths, num_frames, self.prob, self.length, generator=generator)

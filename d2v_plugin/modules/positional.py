@@ -1,0 +1,69 @@
+"""Positional information for sequences (data2vec 2.0 §3.2; wav2vec 2.0 §2).
+
+* ALiBi (Press et al. 2022): a per-head bias ``-slope_h * |i - j|`` added to attention
+  scores; data2vec 2.0 speech learns one non-negative scale per head on top.
+* A convolutional positional encoder: a stack of grouped 1-D convolutions whose
+  output is *added* to its input (the "relative positional encoder" of wav2vec 2.0 /
+  data2vec).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def alibi_slopes(num_heads: int) -> List[float]:
+    """Geometric ALiBi slopes ``2^(-8 h / H)``; for H not a power of two the
+    closest power's slopes are interleaved with those of twice that power."""
+
+    def power_of_two(n: int) -> List[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+
+    if math.log2(num_heads).is_integer():
+        return power_of_two(num_heads)
+    closest = 2 ** math.floor(math.log2(num_heads))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][: num_heads - closest]
+
+
+def alibi_bias_1d(positions: Tensor, slopes: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """ALiBi bias between the given positions.
+
+    positions: (B, K) int, the time index of each token in the sequence (kept tokens
+    of a masked sequence keep their original index); slopes: (H,); scale: (H,) or None.
+    Returns (B, H, K, K) float32: ``-slope_h * scale_h * |pos_i - pos_j|``.
+    """
+    dist = (positions[:, :, None] - positions[:, None, :]).abs().float()  # (B, K, K)
+    per_head = slopes.float()
+    if scale is not None:
+        per_head = per_head * scale.float().clamp_min(0)
+    return -dist[:, None, :, :] * per_head[None, :, None, None]
+
+
+class ConvPositionalEncoder(nn.Module):
+    """``depth`` x [Conv1d(k, groups) -> LayerNorm(no affine) -> GELU]; returns only the
+    positional term (the caller adds it). k = max(3, width // depth); an even kernel
+    drops its last output step so the length is unchanged."""
+
+    def __init__(self, dim: int, width: int, depth: int, groups: int):
+        super().__init__()
+        if dim % groups != 0:
+            raise ValueError(f"embed_dim={dim} is not divisible by conv_pos_groups={groups}")
+        self.kernel = max(3, width // depth)
+        self.layers = nn.ModuleList(
+            nn.Conv1d(dim, dim, self.kernel, padding=self.kernel // 2, groups=groups) for _ in range(depth)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, D) -> (B, T, D)."""
+        T = x.shape[1]
+        x = x.transpose(1, 2)  # (B, D, T)
+        for conv in self.layers:
+            x = conv(x)[:, :, :T]
+            x = F.gelu(F.layer_norm(x.transpose(1, 2), x.shape[1:2]).transpose(1, 2))
+        return x.transpose(1, 2)

@@ -1,0 +1,90 @@
+"""fairseq adapter: the ``d2v_audio_pretraining`` task (speech self-supervision)."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+from fairseq.dataclass import FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II, MISSING
+
+from ..data.audio import AudioDataError, AudioPretrainDataset
+from ..modules.feature_extractor import receptive_field
+from .base import EMAStepMixin
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class D2vAudioPretrainingConfig(FairseqDataclass):
+    data: str = field(default=MISSING, metadata={"help": "directory holding the {split}.tsv manifests"})
+    sample_rate: int = field(default=16000, metadata={"help": "required sample rate (Hz) of every file"})
+    normalize: bool = field(
+        default=True, metadata={"help": "zero-mean unit-variance waveforms (required by layer_norm extractors)"}
+    )
+    max_sample_size: int = field(
+        default=320000, metadata={"help": "longer files are randomly cropped to this many samples (20 s)"}
+    )
+    min_sample_size: int = field(
+        default=32000, metadata={"help": "shorter files are skipped, counted and logged (2 s)"}
+    )
+    pad: bool = field(
+        default=False,
+        metadata={"help": "pad a batch to its longest file (with a padding mask) instead of cropping all to the shortest"},
+    )
+    seed: int = field(default=II("common.seed"), metadata={"help": "seed of crops and masks (common.seed)"})
+
+
+@register_task("d2v_audio_pretraining", dataclass=D2vAudioPretrainingConfig)
+class D2vAudioPretrainingTask(EMAStepMixin, FairseqTask):
+    """Reads wav2vec manifests; the collater crops and draws the model's masks in the
+    data workers once the model is built."""
+
+    cfg: D2vAudioPretrainingConfig
+
+    def __init__(self, cfg: D2vAudioPretrainingConfig):
+        super().__init__(cfg)
+        self.masking = None
+
+    @classmethod
+    def setup_task(cls, cfg: D2vAudioPretrainingConfig, **kwargs):
+        if not os.path.isdir(cfg.data):
+            raise AudioDataError(f"task.data={cfg.data!r} is not a directory; point it at the folder with train.tsv/valid.tsv")
+        return cls(cfg)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        ds = AudioPretrainDataset(
+            os.path.join(self.cfg.data, f"{split}.tsv"), self.cfg.sample_rate, self.cfg.max_sample_size,
+            self.cfg.min_sample_size, self.cfg.normalize, self.cfg.pad, self.cfg.seed,
+        )
+        if self.masking is not None:
+            ds.set_masking(*self.masking)
+        self.datasets[split] = ds
+        return ds
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        enc = getattr(model, "modality_encoders", {}).get("audio") if hasattr(model, "modality_encoders") else None
+        if enc is not None:
+            field_ = receptive_field(enc.spec)
+            if self.cfg.min_sample_size < field_:
+                raise AudioDataError(
+                    f"task.min_sample_size={self.cfg.min_sample_size} is shorter than the feature extractor's "
+                    f"receptive field ({field_} samples); raise it to at least {field_}"
+                )
+            self.masking = (enc.spec, enc.masking)
+            for ds in self.datasets.values():
+                ds.set_masking(*self.masking)
+        return model
+
+    def max_positions(self):
+        return None
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self):
+        return None

@@ -1,0 +1,23 @@
+"""d2v_plugin: data2vec 1.0 + 2.0 as a fairseq plugin (see README.md)."""
+from setuptools import find_packages, setup
+
+setup(
+    name="d2v_plugin",
+    version="0.1.0",
+    description="data2vec 1.0 and 2.0 (speech, images, text) as a fairseq --user-dir plugin",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["d2v_plugin", "d2v_plugin.*"]),
+    install_requires=[
+        # fairseq main as a cp311 wheel; PyPI fairseq 0.12.2 does not import on Python >= 3.11
+        "ve-fairseq==0.12.3",
+        # any torch >= 2.1 works; the Makefile installs the CPU build 2.13.0 first
+        "torch>=2.1",
+        "numpy>=1.24",
+        "scipy>=1.10",
+        "soundfile>=0.12",
+        "sentencepiece>=0.1.99",
+    ],
+    extras_require={"test": ["pytest>=7", "ruff>=0.5"]},
+)
