@@ -1,0 +1,166 @@
+"""Map official fairseq data2vec weights and configs onto ``d2v_multi``.
+
+Families: ``data2vec2`` (``data2vec_multi``, speech) and ``data2vec1_audio``
+(``data2vec_audio``). The converted config sets ``padding_aware=false`` so a converted
+model computes exactly what the official code computes.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Tuple
+
+import torch
+
+Rules = List[Tuple[str, str]]
+
+_AUDIO = "modality_encoders.audio."
+V2_AUDIO_RULES: Rules = [
+    (r"^modality_encoders\.AUDIO\.local_encoder\.conv_layers\.(\d+)\.0\.", _AUDIO + r"feature_extractor.layers.\1.conv."),
+    (r"^modality_encoders\.AUDIO\.local_encoder\.conv_layers\.(\d+)\.2\.1\.", _AUDIO + r"feature_extractor.layers.\1.norm."),
+    (r"^modality_encoders\.AUDIO\.local_encoder\.conv_layers\.(\d+)\.2\.", _AUDIO + r"feature_extractor.layers.\1.norm."),
+    (r"^modality_encoders\.AUDIO\.project_features\.1\.", _AUDIO + "project.norm."),
+    (r"^modality_encoders\.AUDIO\.project_features\.2\.", _AUDIO + "project.linear."),
+    (r"^modality_encoders\.AUDIO\.relative_positional_encoder\.(\d+)\.0\.", _AUDIO + r"pos_conv.layers.<\1-1>."),
+    (r"^modality_encoders\.AUDIO\.context_encoder\.", _AUDIO + "context."),
+    (r"^modality_encoders\.AUDIO\.decoder\.blocks\.(\d+)\.0\.", _AUDIO + r"decoder.layers.\1."),
+    (r"^modality_encoders\.AUDIO\.decoder\.proj\.", _AUDIO + "decoder.proj."),
+    (r"^modality_encoders\.AUDIO\.alibi_scale$", _AUDIO + "alibi_scale"),
+    (r"^blocks\.", "blocks."),
+]
+
+V1_AUDIO_RULES: Rules = [
+    (r"^mask_emb$", _AUDIO + "mask_emb"),
+    (r"^feature_extractor\.conv_layers\.(\d+)\.0\.", _AUDIO + r"feature_extractor.layers.\1.conv."),
+    (r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.", _AUDIO + r"feature_extractor.layers.\1.norm."),
+    (r"^feature_extractor\.conv_layers\.(\d+)\.2\.", _AUDIO + r"feature_extractor.layers.\1.norm."),
+    (r"^layer_norm\.", _AUDIO + "project.norm."),
+    (r"^post_extract_proj\.", _AUDIO + "project.linear."),
+    (r"^encoder\.pos_conv\.(\d+)\.0\.", _AUDIO + r"pos_conv.layers.\1."),
+    (r"^encoder\.layer_norm\.", _AUDIO + "context.norm."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+    (r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"blocks.\1.attn.\2_proj."),  # fused below
+    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"blocks.\1.norm1."),
+    (r"^encoder\.layers\.(\d+)\.fc1\.", r"blocks.\1.mlp.fc1."),
+    (r"^encoder\.layers\.(\d+)\.fc2\.", r"blocks.\1.mlp.fc2."),
+    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"blocks.\1.norm2."),
+    (r"^final_proj\.", "final_proj."),
+]
+
+IGNORED = re.compile(r"(^|\.)version$|^_ema$|^encoder\._ema$")
+
+
+def _rename(key: str, rules: Rules) -> str:
+    for pattern, repl in rules:
+        if re.search(pattern, key):
+            new = re.sub(pattern, repl, key)
+            return re.sub(r"<(\d+)-1>", lambda m: str(int(m.group(1)) - 1), new)
+    raise KeyError(f"no d2v_plugin counterpart for official weight {key!r}")
+
+
+def _fuse_qkv(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Separate q/k/v projections (fairseq MultiheadAttention) -> one qkv Linear."""
+    out = {k: v for k, v in sd.items() if not re.search(r"\.attn\.[qkv]_proj\.", k)}
+    for k in sd:
+        m = re.match(r"(.*\.attn\.)q_proj\.(weight|bias)$", k)
+        if m:
+            out[f"{m.group(1)}qkv.{m.group(2)}"] = torch.cat([sd[f"{m.group(1)}{p}_proj.{m.group(2)}"] for p in "qkv"])
+    return out
+
+
+def _convert(sd: Dict[str, torch.Tensor], rules: Rules, prefix: str = "") -> Dict[str, torch.Tensor]:
+    out = {_rename(prefix + k, rules): v for k, v in sd.items() if not IGNORED.search(prefix + k)}
+    out = _fuse_qkv(out)
+    if _AUDIO + "alibi_scale" in out:
+        out[_AUDIO + "alibi_scale"] = out[_AUDIO + "alibi_scale"].reshape(-1)  # (1,1,H,1,1) -> (H,)
+    return out
+
+
+def convert_state_dict(sd: Dict, family: str) -> Dict:
+    """Official ``model`` state dict (with its ``_ema`` teacher) -> d2v_multi state dict."""
+    if family == "data2vec2":
+        rules, ema, ema_prefix = V2_AUDIO_RULES, sd.get("_ema"), ""
+    elif family == "data2vec1_audio":
+        rules, ema, ema_prefix = V1_AUDIO_RULES, sd.get("_ema"), "encoder."
+    else:
+        raise ValueError(f"unsupported checkpoint family {family!r} (supported: data2vec2, data2vec1_audio)")
+    out = _convert(sd, rules)
+    if ema is not None:
+        out["_ema"] = _convert(ema, rules, ema_prefix)
+    return out
+
+
+def _target_norms(c: Dict) -> Tuple[str, str]:
+    layer = "none"
+    for flag, name in (("instance_norm_target_layer", "instance"), ("layer_norm_target_layer", "layer"),
+                       ("batch_norm_target_layer", "batch")):
+        if c.get(flag):
+            if layer != "none":
+                raise ValueError("official config enables several per-layer target norms at once; d2v_plugin takes one")
+            layer = name
+    final = "layer" if c.get("layer_norm_targets") else "instance" if c.get("instance_norm_targets") else "none"
+    return layer, final
+
+
+def _loss(c: Dict) -> Dict:
+    beta = float(c.get("loss_beta") or 0.0)
+    return {"loss": "l2" if beta == 0 else "smooth_l1", "loss_beta": beta or 1.0, "loss_scale": c.get("loss_scale")}
+
+
+def convert_config(c: Dict, family: str) -> Dict:
+    """Official resolved model config (a plain dict) -> ``D2vMultiConfig`` fields."""
+    if family == "data2vec2":
+        return _v2_audio_config(c)
+    if family == "data2vec1_audio":
+        return _v1_audio_config(c)
+    raise ValueError(f"unsupported config family {family!r}")
+
+
+def _v2_audio_config(c: Dict) -> Dict:
+    a, dec = c["modalities"]["audio"], c["modalities"]["audio"]["decoder"]
+    layer, final = _target_norms(c)
+    if c.get("ema_encoder_only") or a.get("ema_local_encoder") or a.get("learned_alibi_scale_per_layer"):
+        raise ValueError("speech checkpoints with ema_encoder_only / ema_local_encoder / per-layer ALiBi scales are not supported")
+    return dict(
+        algorithm="v2", modalities="audio", depth=c["depth"], embed_dim=c["embed_dim"], num_heads=c["num_heads"],
+        mlp_ratio=c["mlp_ratio"], norm_eps=c["norm_eps"], layer_norm_first=c["layer_norm_first"],
+        encoder_dropout=c["encoder_dropout"], attention_dropout=c["attention_dropout"],
+        activation_dropout=c["activation_dropout"], post_mlp_dropout=c["post_mlp_drop"], dropout_input=c["dropout_input"],
+        layerdrop=c["layerdrop"], drop_path=c["end_drop_path_rate"], clone_batch=c["clone_batch"],
+        average_top_k_layers=c["average_top_k_layers"], target_layer_norm=layer, target_final_norm=final,
+        padding_aware=False, ema_decay=c["ema_decay"], ema_end_decay=c["ema_end_decay"],
+        ema_anneal_end_step=c["ema_anneal_end_step"], min_target_var=c["min_target_var"], min_pred_var=c["min_pred_var"],
+        mask_noise_std=a["mask_noise_std"], decoder_input_dropout=dec["input_dropout"],
+        audio_conv_feature_layers=a["feature_encoder_spec"], audio_extractor_mode=a["extractor_mode"],
+        audio_feature_grad_mult=a["local_grad_mult"], audio_conv_pos_width=a["conv_pos_width"],
+        audio_conv_pos_depth=a["conv_pos_depth"], audio_conv_pos_groups=a["conv_pos_groups"],
+        audio_prenet_depth=a["prenet_depth"], audio_prenet_dropout=a["prenet_dropout"],
+        audio_use_alibi=a["use_alibi_encoder"], audio_alibi_learned_scale=a["learned_alibi_scale"],
+        audio_mask_type="block", audio_mask_prob=a["mask_prob"], audio_mask_length=a["mask_length"],
+        audio_mask_prob_adjust=a["mask_prob_adjust"], audio_decoder_dim=dec["decoder_dim"],
+        audio_decoder_kernel=dec["decoder_kernel"], audio_decoder_layers=dec["decoder_layers"],
+        audio_decoder_groups=dec["decoder_groups"], audio_decoder_residual=dec["decoder_residual"],
+        audio_decoder_projection_layers=dec["projection_layers"], audio_decoder_projection_ratio=dec["projection_ratio"],
+        **_loss(c),
+    )
+
+
+def _v1_audio_config(c: Dict) -> Dict:
+    layer, final = _target_norms(c)
+    if c.get("pos_conv_depth", 1) < 2:
+        raise ValueError("data2vec 1.0 checkpoints with a single weight-normed positional conv are not supported")
+    return dict(
+        algorithm="v1", modalities="audio", depth=c["encoder_layers"], embed_dim=c["encoder_embed_dim"],
+        num_heads=c["encoder_attention_heads"], mlp_ratio=c["encoder_ffn_embed_dim"] / c["encoder_embed_dim"],
+        norm_eps=1e-5, layer_norm_first=c["layer_norm_first"], encoder_dropout=c["dropout"],
+        attention_dropout=c["attention_dropout"], activation_dropout=c["activation_dropout"],
+        post_mlp_dropout=c["dropout"], dropout_input=0.0, layerdrop=c["encoder_layerdrop"], clone_batch=1,
+        average_top_k_layers=c["average_top_k_layers"], target_layer_norm=layer, target_final_norm=final,
+        padding_aware=False, ema_decay=c["ema_decay"], ema_end_decay=c["ema_end_decay"],
+        ema_anneal_end_step=c["ema_anneal_end_step"], ema_copy_pos_conv=True,
+        min_target_var=c.get("min_target_var", 0.1), min_pred_var=c.get("min_pred_var", 0.01),
+        audio_conv_feature_layers=c["conv_feature_layers"], audio_extractor_mode=c["extractor_mode"],
+        audio_feature_grad_mult=c["feature_grad_mult"], audio_conv_pos_width=c["conv_pos"],
+        audio_conv_pos_depth=c["pos_conv_depth"], audio_conv_pos_groups=c["conv_pos_groups"], audio_prenet_depth=0,
+        audio_prenet_dropout=c["dropout"], audio_use_alibi=False, audio_mask_type="span",
+        audio_mask_prob=c["mask_prob"], audio_mask_length=c["mask_length"], **_loss(c),
+    )
