@@ -1,5 +1,4 @@
 """fairseq adapter: the ``d2v`` criterion — sums the model's losses, logs diagnostics."""
-from __future__ import annotations
 
 from dataclasses import dataclass
 

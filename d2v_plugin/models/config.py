@@ -7,7 +7,6 @@ same way from a Hydra YAML (``model.audio_mask_prob: 0.5``) and from plain
 reach fields of nested dataclasses by name. Defaults are the data2vec 2.0 speech
 Base recipe unless the help says otherwise.
 """
-from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Optional

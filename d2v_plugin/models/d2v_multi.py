@@ -1,10 +1,18 @@
 """fairseq adapter: the ``d2v_multi`` model (data2vec 1.0 and 2.0, any modality)."""
-from __future__ import annotations
+import dataclasses
 
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.data2vec import Data2Vec
 from .config import D2vMultiConfig
+
+
+def parse_bool(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"expected true or false, got {text!r}")
+    return value in ("true", "1", "yes")
 
 
 @register_model("d2v_multi", dataclass=D2vMultiConfig)
@@ -15,6 +23,16 @@ class D2vMultiModel(Data2Vec, BaseFairseqModel):
     update, whatever ``update_freq``), not by ``set_num_updates``, which fairseq
     calls before every micro-batch and on checkpoint load.
     """
+
+    @classmethod
+    def add_args(cls, parser):
+        """fairseq's flags, except that booleans take a value (``--audio-use-alibi false``)
+        instead of fairseq's store_true/store_false toggles, which invert True defaults."""
+        for f in dataclasses.fields(D2vMultiConfig):
+            if f.type is bool:
+                parser.add_argument("--" + f.name.replace("_", "-"), type=parse_bool, metavar="true|false",
+                                    help=f"{f.metadata['help']} (default: {str(f.default).lower()})")
+        gen_parser_from_dataclass(parser, D2vMultiConfig(), delete_default=True)  # skips the flags added above
 
     @classmethod
     def build_model(cls, cfg: D2vMultiConfig, task=None) -> "D2vMultiModel":

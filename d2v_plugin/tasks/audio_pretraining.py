@@ -1,5 +1,4 @@
 """fairseq adapter: the ``d2v_audio_pretraining`` task (speech self-supervision)."""
-from __future__ import annotations
 
 import logging
 import os
@@ -65,8 +64,9 @@ class D2vAudioPretrainingTask(EMAStepMixin, FairseqTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        enc = getattr(model, "modality_encoders", {}).get("audio") if hasattr(model, "modality_encoders") else None
-        if enc is not None:
+        encoders = getattr(model, "modality_encoders", {})
+        if "audio" in encoders:
+            enc = encoders["audio"]
             field_ = receptive_field(enc.spec)
             if self.cfg.min_sample_size < field_:
                 raise AudioDataError(

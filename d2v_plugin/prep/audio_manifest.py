@@ -1,0 +1,87 @@
+"""Write wav2vec manifests for a folder of audio.
+
+    python -m d2v_plugin.prep.audio_manifest AUDIO_DIR --dest OUT --valid-percent 0.01
+
+Every wav/flac/ogg file under AUDIO_DIR is checked (readable, sample rate, mono,
+non-empty); usable files go to OUT/train.tsv and OUT/valid.tsv (first line the root,
+then ``relative/path<TAB>num_samples``); the others are listed with the reason on
+stderr and in OUT/rejected.tsv.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from typing import List, Optional, Tuple
+
+import soundfile as sf
+
+EXTENSIONS = ("wav", "flac", "ogg")
+
+
+def check_audio(path: str, sample_rate: int) -> Tuple[Optional[int], str]:
+    """-> (num_samples, "") for a usable file, else (None, reason)."""
+    try:
+        info = sf.info(path)
+    except Exception as e:  # soundfile raises several types for unreadable files
+        return None, f"unreadable: {str(e).splitlines()[0]}"
+    if info.frames <= 0:
+        return None, "empty: no samples"
+    if info.samplerate != sample_rate:
+        return None, f"sample rate {info.samplerate} Hz, expected {sample_rate} Hz (resample, e.g. sox in.wav -r {sample_rate} out.wav)"
+    if info.channels != 1:
+        return None, f"{info.channels} channels, expected mono (e.g. sox in.wav -c 1 out.wav)"
+    return int(info.frames), ""
+
+
+def find_audio(root: str, extensions: List[str]) -> List[str]:
+    found = []
+    for dirpath, _, files in os.walk(root):
+        found += [os.path.join(dirpath, f) for f in files if f.rsplit(".", 1)[-1].lower() in extensions]
+    return sorted(found)
+
+
+def write_manifests(root: str, dest: str, valid_percent: float, sample_rate: int = 16000,
+                    extensions: List[str] = EXTENSIONS, seed: int = 42) -> dict:
+    root = os.path.realpath(root)
+    if not os.path.isdir(root):
+        raise SystemExit(f"error: {root} is not a directory")
+    if not 0 <= valid_percent < 1:
+        raise SystemExit(f"error: --valid-percent {valid_percent} must be in [0, 1)")
+    os.makedirs(dest, exist_ok=True)
+    good, rejected = [], []
+    for path in find_audio(root, extensions):
+        n, reason = check_audio(path, sample_rate)
+        (good.append((os.path.relpath(path, root), n)) if n else rejected.append((path, reason)))
+    if not good:
+        raise SystemExit(f"error: no usable {'/'.join(extensions)} file under {root} ({len(rejected)} rejected)")
+    rng = random.Random(seed)
+    rng.shuffle(good)
+    n_valid = int(round(len(good) * valid_percent))
+    splits = {"valid": sorted(good[:n_valid]), "train": sorted(good[n_valid:])} if n_valid else {"train": sorted(good)}
+    for split, rows in splits.items():
+        with open(os.path.join(dest, f"{split}.tsv"), "w", encoding="utf-8") as f:
+            f.write(root + "\n" + "".join(f"{rel}\t{n}\n" for rel, n in rows))
+    with open(os.path.join(dest, "rejected.tsv"), "w", encoding="utf-8") as f:
+        f.write("".join(f"{p}\t{r}\n" for p, r in rejected))
+    for p, r in rejected:
+        print(f"rejected {p}: {r}", file=sys.stderr)
+    return {split: len(rows) for split, rows in splits.items()} | {"rejected": len(rejected)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("root", help="folder to walk for audio files")
+    ap.add_argument("--dest", required=True, help="output folder for train.tsv / valid.tsv / rejected.tsv")
+    ap.add_argument("--valid-percent", type=float, default=0.01, help="fraction of files for valid.tsv (0..1)")
+    ap.add_argument("--sample-rate", type=int, default=16000, help="required sample rate in Hz")
+    ap.add_argument("--ext", default=",".join(EXTENSIONS), help="comma-separated extensions to include")
+    ap.add_argument("--seed", type=int, default=42, help="seed of the train/valid split")
+    a = ap.parse_args(argv)
+    counts = write_manifests(a.root, a.dest, a.valid_percent, a.sample_rate, [e.lower() for e in a.ext.split(",")], a.seed)
+    print(" ".join(f"{k}={v}" for k, v in counts.items()))
+
+
+if __name__ == "__main__":
+    main()
