@@ -1,0 +1,262 @@
+"""Unit tests of the pure-PyTorch core against hand-computed references."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from d2v_plugin.models.d2v_multi import D2vMultiModel
+from d2v_plugin.modules.ema import EMATeacher, ema_decay_at
+from d2v_plugin.modules.feature_extractor import conv_output_lengths, parse_conv_spec, receptive_field
+from d2v_plugin.modules.loss import CollapseError, CollapseMonitor, channel_std, regression_loss
+from d2v_plugin.modules.masking import block_mask_1d, kept_positions, seeded_generator, span_mask_1d
+from d2v_plugin.modules.positional import alibi_bias_1d, alibi_slopes
+from d2v_plugin.modules.targets import build_targets
+from d2v_plugin.modules.transformer import Block
+
+from .conftest import tiny_cfg
+
+
+def batch(lengths=(4000, 3200)):
+    g = torch.Generator().manual_seed(0)
+    src = torch.randn(len(lengths), max(lengths), generator=g)
+    pad = torch.arange(max(lengths))[None] >= torch.tensor(lengths)[:, None]
+    return src.masked_fill(pad, 0.0), pad
+
+
+# -- EMA -------------------------------------------------------------------------------
+def test_ema_step_is_convex_combination_and_copies_frozen():
+    student = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 3))
+    student[1].weight.requires_grad_(False)
+    teacher = EMATeacher({"0": student[0], "1": student[1]})
+    old = {k: v.clone() for k, v in teacher.state_dict().items()}
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    teacher.step(student, 0.75)
+    new = teacher.state_dict()
+    for k, s in student.state_dict().items():
+        expected = s if k == "1.weight" else 0.75 * old[k] + 0.25 * s
+        assert torch.allclose(new[k], expected, atol=1e-6), k
+
+
+def test_ema_decay_schedule():
+    assert ema_decay_at(0, 0.9, 0.99, 10) == pytest.approx(0.9)
+    assert ema_decay_at(5, 0.9, 0.99, 10) == pytest.approx(0.945)
+    assert ema_decay_at(10, 0.9, 0.99, 10) == 0.99
+    assert ema_decay_at(1000, 0.9, 0.99, 10) == 0.99
+
+
+def test_teacher_fp32_no_grad_not_trainable():
+    model = D2vMultiModel(tiny_cfg())
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    src, pad = batch()
+    out = model(src, pad)
+    out["losses"]["regression"].backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    student = [(n, p) for n, p in model.named_parameters() if not n.startswith("teacher.")]
+    missing = [n for n, p in student if p.grad is None or p.grad.abs().sum() == 0]
+    assert not missing, f"no gradient reaches {missing}"
+    model.half()
+    assert {p.dtype for p in model.teacher.parameters()} == {torch.float32}
+    assert model.blocks[0].mlp.fc1.weight.dtype == torch.float16
+    model.teacher.step(model, 0.5)  # fp16 student, fp32 arithmetic
+    assert {p.dtype for p in model.teacher.parameters()} == {torch.float32}
+
+
+def test_v1_gradients_reach_student():
+    model = D2vMultiModel(tiny_cfg(algorithm="v1"))
+    src, pad = batch()
+    model(src, pad)["losses"]["regression"].backward()
+    missing = [n for n, p in model.named_parameters() if not n.startswith("teacher.") and p.grad is None]
+    assert not missing and model.modality_encoders["audio"].decoder is None
+
+
+def test_ema_step_updates_only_teacher_with_copy_prefix():
+    model = D2vMultiModel(tiny_cfg(algorithm="v1", ema_copy_pos_conv=True))
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not n.startswith("teacher."):
+                p.add_(1.0)
+    model.ema_step(1)
+    d = ema_decay_at(1, 0.9, 0.99, 10)
+    student = dict(model.named_parameters())
+    for k, v in model.teacher.state_dict().items():
+        expected = student[k] if ".pos_conv." in k else d * before[k] + (1 - d) * student[k]
+        assert torch.allclose(v, expected, atol=1e-6), k
+    assert model.ema_steps == 1
+
+
+# -- masks -----------------------------------------------------------------------------
+def test_block_mask_exact_count_padding_and_seed():
+    lengths = torch.tensor([100, 73, 40])
+    m1 = block_mask_1d(lengths, 100, 0.5, 5, 0.05, seeded_generator(1, 2, 3))
+    m2 = block_mask_1d(lengths, 100, 0.5, 5, 0.05, seeded_generator(1, 2, 3))
+    m3 = block_mask_1d(lengths, 100, 0.5, 5, 0.05, seeded_generator(1, 2, 4))
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    for row, n in zip(m1, lengths.tolist()):
+        assert int(row.sum()) == int(n * 0.5)
+        assert not row[n:].any()
+    # blocks: most masked frames have a masked neighbour
+    runs = (m1[:, 1:] & m1[:, :-1]).sum() / m1.sum()
+    assert runs > 0.6
+
+
+def test_span_mask_padding_and_seed():
+    lengths = torch.tensor([200, 120])
+    m = span_mask_1d(lengths, 200, 0.65, 10, generator=seeded_generator(7))
+    assert torch.equal(m, span_mask_1d(lengths, 200, 0.65, 10, generator=seeded_generator(7)))
+    assert not m[1, 120:].any()
+    assert 0.3 < m[0].float().mean() < 0.7  # p=0.65 x 10 with overlaps masks about half
+
+
+def test_kept_positions_time_order_and_filler():
+    mask = torch.tensor([[True, False, False, True, False], [True, True, False, True, True]])
+    ids, pad = kept_positions(mask)
+    assert ids.tolist()[0] == [1, 2, 4]
+    assert ids[1, 0] == 2 and pad.tolist() == [[False] * 3, [False, True, True]]
+
+
+# -- targets and loss --------------------------------------------------------------------
+def test_targets_instance_norm_topk_average_by_hand():
+    g = torch.Generator().manual_seed(0)
+    layers = [torch.randn(2, 6, 4, generator=g) * (i + 1) + i for i in range(3)]
+
+    def inorm(x):  # per sample and channel over time
+        return (x - x.mean(1, keepdim=True)) / torch.sqrt(x.var(1, unbiased=False, keepdim=True) + 1e-5)
+
+    expected = (inorm(layers[1]) + inorm(layers[2])) / 2
+    assert torch.allclose(build_targets(layers, 2, "instance"), expected, atol=1e-5)
+    ln = (F.layer_norm(layers[2], (4,)) + F.layer_norm(layers[1], (4,))) / 2
+    assert torch.allclose(build_targets(layers, 2, "layer", "layer"), F.layer_norm(ln, (4,)), atol=1e-5)
+    with pytest.raises(ValueError):
+        build_targets(layers, 4)
+
+
+def test_targets_padding_aware_ignores_padded_positions():
+    x = torch.randn(1, 8, 3)
+    pad = torch.tensor([[False] * 5 + [True] * 3])
+    y_short = build_targets([x[:, :5]], 1, "instance")
+    y_pad = build_targets([x], 1, "instance", padding_mask=pad)
+    assert torch.allclose(y_pad[:, :5], y_short, atol=1e-5)
+
+
+def test_regression_loss_values():
+    p, t = torch.tensor([[0.0, 2.0]]), torch.tensor([[1.0, 0.0]])
+    assert torch.allclose(regression_loss(p, t, "l2"), torch.tensor([[1.0, 4.0]]) / math.sqrt(2))
+    sl1 = regression_loss(p, t, "smooth_l1", beta=4.0, scale=1.0)  # |d| < beta: 0.5 d^2 / beta
+    assert torch.allclose(sl1, torch.tensor([[0.125, 0.5]]))
+
+
+def test_loss_counts_only_masked_positions():
+    torch.manual_seed(0)
+    model = D2vMultiModel(tiny_cfg()).eval()
+    src, pad = batch()
+    with torch.no_grad():
+        feats, fpad = model.modality_encoders["audio"].local_features(src, pad)
+        targets, _ = model.forward_teacher("audio", feats, fpad)
+        mask = torch.zeros(4, targets.shape[1], dtype=torch.bool)
+        mask[:, 10:30] = True
+        pred = model.forward_student("audio", feats, fpad, mask)
+        assert pred.shape == (80, 32)
+        out = model.forward_loss(pred, targets, mask)
+        assert out["sample_size"] == 80
+        y = targets.repeat_interleave(2, 0)[mask]
+        assert torch.allclose(out["losses"]["regression"], ((pred - y) ** 2).sum() / math.sqrt(32), rtol=1e-5)
+        targets2 = targets.clone()
+        targets2[:, :10] += 100.0  # change targets at unmasked positions only
+        assert torch.allclose(model.forward_loss(pred, targets2, mask)["losses"]["regression"], out["losses"]["regression"])
+
+
+def test_channel_std_and_collapse_monitor():
+    x = torch.randn(1000, 8) * 3
+    assert channel_std(x) == pytest.approx(3.0, rel=0.1)
+    assert channel_std(torch.ones(10, 8)) == pytest.approx(1e-3, rel=1e-3)
+    mon = CollapseMonitor(0.1, 0.01, start_update=5, patience=2)
+    mon.check(1, 0.0, 0.0)  # before start_update
+    mon.check(5, 0.05, 1.0)
+    with pytest.raises(CollapseError, match="target_var=0.05"):
+        mon.check(6, 0.05, 1.0)
+
+
+def test_collapsed_model_stops_training():
+    model = D2vMultiModel(tiny_cfg(collapse_check_start_update=0, collapse_patience=1, min_target_var=10.0))
+    src, pad = batch()
+    with pytest.raises(CollapseError, match="representation collapse"):
+        model(src, pad)
+
+
+# -- blocks and encoders --------------------------------------------------------------
+def test_pre_ln_block_keeps_both_residuals():
+    torch.manual_seed(0)
+    blk = Block(8, 2, layer_norm_first=True).eval()
+    x = torch.randn(2, 5, 8)
+    out, t = blk(x)
+    a = x + blk.attn(blk.norm1(x), None)
+    assert torch.allclose(t, blk.mlp(blk.norm2(a)), atol=1e-6)
+    assert torch.allclose(out, a + t, atol=1e-6)
+
+
+def test_post_ln_block_by_hand():
+    torch.manual_seed(0)
+    blk = Block(8, 2).eval()
+    x = torch.randn(2, 5, 8)
+    out, t = blk(x)
+    h = blk.norm1(x + blk.attn(x, None))
+    assert torch.allclose(t, blk.mlp(h), atol=1e-6) and torch.allclose(out, blk.norm2(h + t), atol=1e-6)
+
+
+def test_alibi_matches_reference_components():
+    comps = torch.load(__import__("pathlib").Path(__file__).parent / "golden" / "components.pt", weights_only=True)["items"]
+    for key in ("alibi_1d_0", "alibi_1d_1"):
+        item = comps[key]
+        n, heads = item["max_positions"], item["heads"]
+        ours = alibi_bias_1d(torch.arange(n)[None], torch.tensor(alibi_slopes(heads)))[0]
+        assert torch.allclose(ours, item["bias"], atol=1e-6), key
+
+
+def test_conv_spec_parsing():
+    spec = parse_conv_spec("[(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2")
+    assert len(spec) == 7 and spec[0].kernel == 10 and spec[-1].stride == 2
+    assert receptive_field(spec) == 400
+    assert conv_output_lengths(torch.tensor([16000, 400, 399]), spec).tolist() == [49, 1, 0]
+    with pytest.raises(ValueError, match="bad conv layer spec"):
+        parse_conv_spec("[(512, 10, 5)] + __import__('os')")
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="num_heads"):
+        D2vMultiModel(tiny_cfg(num_heads=5))
+    with pytest.raises(ValueError, match="modalities"):
+        D2vMultiModel(tiny_cfg(modalities="smell"))
+    with pytest.raises(ValueError, match="mask_prob"):
+        D2vMultiModel(tiny_cfg(audio_mask_prob=1.5))
+
+
+# -- state dict ------------------------------------------------------------------------
+def test_state_dict_has_ema_entry_and_round_trips():
+    model = D2vMultiModel(tiny_cfg())
+    model.ema_step(1)
+    with torch.no_grad():
+        model.teacher.blocks[0].mlp.fc1.weight.add_(1.0)
+    sd = model.state_dict()
+    assert "_ema" in sd and not any(k.startswith("teacher.") for k in sd)
+    assert all(v.dtype == torch.float32 for v in sd["_ema"].values())
+    other = D2vMultiModel(tiny_cfg())
+    other.load_state_dict(sd)
+    for k, v in other.teacher.state_dict().items():
+        assert torch.equal(v, sd["_ema"][k]), k
+    del sd["_ema"]  # a checkpoint without its teacher loads, teacher = student copy
+    other.load_state_dict(sd)
+    assert torch.equal(other.teacher.blocks[0].mlp.fc1.weight, other.blocks[0].mlp.fc1.weight)
+
+
+def test_extract_features_and_remove_pretraining_modules():
+    model = D2vMultiModel(tiny_cfg()).eval()
+    src, pad = batch()
+    out = model.extract_features(src, pad)
+    assert out["x"].shape[:2] == out["padding_mask"].shape and len(out["layer_results"]) == 2
+    model.remove_pretraining_modules()
+    assert model.teacher is None and "_ema" not in model.state_dict()
+    assert torch.allclose(model.extract_features(src, pad)["x"], out["x"])
