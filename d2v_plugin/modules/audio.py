@@ -21,7 +21,7 @@ from .decoder import ConvDecoder1d
 from .feature_extractor import ConvFeatureExtractor, frame_padding_mask, parse_conv_spec
 from .masking import MaskSettings
 from .positional import ConvPositionalEncoder, alibi_bias_1d, alibi_slopes
-from .transformer import Block, run_blocks
+from .transformer import run_blocks
 
 
 class ContextEncoder(nn.Module):
