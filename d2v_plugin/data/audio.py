@@ -1,0 +1,172 @@
+"""fairseq adapter: speech datasets read from wav2vec manifests.
+
+Manifest ``{split}.tsv``: first line the root directory, then one
+``relative/path<TAB>num_samples`` line per file. Audio must be 16 kHz; multi-channel
+files are averaged to mono (logged). Files shorter than ``min_sample_size`` are
+skipped (counted and logged); anything else wrong raises ``AudioDataError`` naming
+the file, the manifest line and the fix.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Dict, List, Optional
+
+import numpy as np
+import soundfile as sf
+import torch
+import torch.nn.functional as F
+from fairseq.data import FairseqDataset
+
+from ..modules.feature_extractor import ConvLayerSpec, conv_output_lengths
+from ..modules.masking import MaskSettings, seeded_generator
+
+logger = logging.getLogger(__name__)
+
+
+class AudioDataError(ValueError):
+    """A manifest or audio file that cannot be used as it is."""
+
+
+def read_manifest(path: str):
+    """-> root, [(relative path, num_samples, line number)]."""
+    if not os.path.isfile(path):
+        raise AudioDataError(f"{path}: manifest not found. Create it with `python -m d2v_plugin.prep.audio_manifest AUDIO_DIR --dest DIR`")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise AudioDataError(f"{path}: empty manifest; its first line must be the audio root directory")
+    root, entries = lines[0].strip(), []
+    for n, line in enumerate(lines[1:], start=2):
+        if not line.strip():
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2 or not parts[1].strip().isdigit():
+            raise AudioDataError(f"{path}, line {n}: expected 'relative/path<TAB>num_samples', got {line!r}")
+        entries.append((parts[0], int(parts[1]), n))
+    return root, entries
+
+
+def load_audio(path: str, expected_rate: int, where: str) -> np.ndarray:
+    """Read one file as float32 mono; ``where`` names the manifest line for errors."""
+    try:
+        wav, rate = sf.read(path, dtype="float32", always_2d=True)
+    except Exception as e:  # soundfile raises several types for unreadable files
+        raise AudioDataError(f"{path} ({where}): cannot read audio: {e}. Re-encode it as wav/flac or remove the line.") from e
+    if rate != expected_rate:
+        raise AudioDataError(
+            f"{path} ({where}): sample rate {rate} Hz, expected {expected_rate} Hz. Resample it "
+            f"(e.g. `sox in.wav -r {expected_rate} out.wav`) and rebuild the manifest."
+        )
+    if wav.shape[0] == 0:
+        raise AudioDataError(f"{path} ({where}): the file has no samples; remove it from the manifest.")
+    if wav.shape[1] > 1:
+        logger.warning("%s: %d channels, averaged to mono", path, wav.shape[1])
+    wav = wav.mean(axis=1)
+    if not np.isfinite(wav).all():
+        raise AudioDataError(f"{path} ({where}): contains NaN or infinite samples; re-encode or remove it.")
+    return wav
+
+
+class AudioPretrainDataset(FairseqDataset):
+    def __init__(
+        self,
+        manifest: str,
+        sample_rate: int = 16000,
+        max_sample_size: int = 320000,
+        min_sample_size: int = 32000,
+        normalize: bool = True,
+        pad: bool = False,
+        seed: int = 1,
+        shuffle: bool = True,
+    ):
+        super().__init__()
+        self.manifest, self.sample_rate, self.normalize, self.pad = manifest, sample_rate, normalize, pad
+        self.max_sample_size, self.min_sample_size, self.seed, self.shuffle = max_sample_size, min_sample_size, seed, shuffle
+        root, entries = read_manifest(manifest)
+        missing = [(rel, n) for rel, _, n in entries if not os.path.isfile(os.path.join(root, rel))]
+        if missing:
+            shown = ", ".join(f"line {n}: {os.path.join(root, rel)}" for rel, n in missing[:5])
+            raise AudioDataError(
+                f"{manifest}: {len(missing)} file(s) listed do not exist ({shown}). "
+                "Fix the root directory on line 1 or rebuild the manifest with d2v_plugin.prep.audio_manifest."
+            )
+        kept = [e for e in entries if e[1] >= min_sample_size]
+        if len(kept) < len(entries):
+            logger.warning("%s: skipped %d of %d files shorter than min_sample_size=%d samples",
+                           manifest, len(entries) - len(kept), len(entries), min_sample_size)
+        if not kept:
+            raise AudioDataError(f"{manifest}: no file is at least min_sample_size={min_sample_size} samples long; lower task.min_sample_size")
+        self.root = root
+        self.files = [e[0] for e in kept]
+        self.lines = [e[2] for e in kept]
+        self.sizes = np.array([e[1] for e in kept], dtype=np.int64)
+        self.epoch = 1
+        self.conv_spec: Optional[List[ConvLayerSpec]] = None
+        self.masking: Optional[MaskSettings] = None
+
+    def set_masking(self, conv_spec: List[ConvLayerSpec], masking: MaskSettings) -> None:
+        """Let the collater (data workers) draw the model's masks."""
+        self.conv_spec, self.masking = conv_spec, masking
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> Dict:
+        path = os.path.join(self.root, self.files[index])
+        where = f"{self.manifest}, line {self.lines[index]}"
+        wav = load_audio(path, self.sample_rate, where)
+        if len(wav) != self.sizes[index]:
+            raise AudioDataError(
+                f"{path} ({where}): has {len(wav)} samples but the manifest says {self.sizes[index]}; rebuild the manifest."
+            )
+        source = torch.from_numpy(wav)
+        if self.normalize:
+            source = F.layer_norm(source, source.shape)
+        return {"id": index, "source": source}
+
+    def size(self, index: int) -> int:
+        return int(min(self.sizes[index], self.max_sample_size))
+
+    def num_tokens(self, index: int) -> int:
+        return self.size(index)
+
+    def num_tokens_vec(self, indices):
+        return np.minimum(self.sizes[indices], self.max_sample_size)
+
+    def ordered_indices(self):
+        sizes = np.minimum(self.sizes, self.max_sample_size)
+        if not self.shuffle:
+            return np.argsort(sizes, kind="stable")
+        rng = np.random.default_rng([self.seed, self.epoch])
+        return np.ascontiguousarray(np.lexsort((rng.permutation(len(self)), sizes))[::-1])
+
+    def collater(self, samples: List[Dict]) -> Dict:
+        samples = [s for s in samples if s["source"].numel() > 0]
+        if not samples:
+            return {}
+        lengths = [len(s["source"]) for s in samples]
+        target = min(max(lengths), self.max_sample_size) if self.pad else min(min(lengths), self.max_sample_size)
+        source = torch.zeros(len(samples), target)
+        padding = torch.zeros(len(samples), target, dtype=torch.bool)
+        for i, s in enumerate(samples):
+            wav, n = s["source"], lengths[i]
+            if n > target:  # random crop, reproducible from (seed, epoch, id)
+                g = seeded_generator(self.seed, self.epoch, s["id"])
+                start = int(torch.randint(0, n - target + 1, (), generator=g))
+                wav, n = wav[start : start + target], target
+            source[i, :n] = wav
+            padding[i, n:] = True
+        ids = torch.tensor([s["id"] for s in samples])
+        net_input = {"source": source}
+        if padding.any():
+            net_input["padding_mask"] = padding
+        if self.masking is not None:
+            frames = conv_output_lengths((~padding).sum(1), self.conv_spec)
+            T = int(conv_output_lengths(torch.tensor([target]), self.conv_spec)[0])
+            g = seeded_generator(self.seed, self.epoch, *ids.tolist())
+            net_input["mask"] = self.masking(frames, T, g)
+        return {"id": ids, "net_input": net_input}
