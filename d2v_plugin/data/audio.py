@@ -96,7 +96,9 @@ class AudioPretrainDataset(FairseqDataset):
             logger.warning("%s: skipped %d of %d files shorter than min_sample_size=%d samples",
                            manifest, len(entries) - len(kept), len(entries), min_sample_size)
         if not kept:
-            raise AudioDataError(f"{manifest}: no file is at least min_sample_size={min_sample_size} samples long; lower task.min_sample_size")
+            raise AudioDataError(
+                f"{manifest}: no file is at least min_sample_size={min_sample_size} samples long; lower task.min_sample_size"
+            )
         self.root = root
         self.files = [e[0] for e in kept]
         self.lines = [e[2] for e in kept]
