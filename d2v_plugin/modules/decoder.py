@@ -9,8 +9,9 @@ projection back to the model dimension.
 from __future__ import annotations
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
+
+from .positional import conv_norm_gelu
 
 
 class ConvDecoder1d(nn.Module):
@@ -44,10 +45,8 @@ class ConvDecoder1d(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> (B, T, D)."""
-        T = x.shape[1]
         x = x.transpose(1, 2)  # (B, D, T)
         for conv in self.layers:
-            y = conv(x)[:, :, :T]
-            y = F.gelu(F.layer_norm(y.transpose(1, 2), y.shape[1:2]).transpose(1, 2))
+            y = conv_norm_gelu(conv, x)
             x = x + y if self.residual and x.shape[1] == y.shape[1] else y
         return self.proj(x.transpose(1, 2))

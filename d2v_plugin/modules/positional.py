@@ -44,6 +44,14 @@ def alibi_bias_1d(positions: Tensor, slopes: Tensor, scale: Optional[Tensor] = N
     return -dist[:, None, :, :] * per_head[None, :, None, None]
 
 
+def conv_norm_gelu(conv: nn.Conv1d, x: Tensor) -> Tensor:
+    """x: (B, C, T) -> conv (an even kernel's extra last step dropped) -> LayerNorm over
+    channels without affine -> GELU, (B, C', T). The unit of the positional encoder
+    and of the data2vec 2.0 decoder."""
+    y = conv(x)[:, :, : x.shape[2]]
+    return F.gelu(F.layer_norm(y.transpose(1, 2), y.shape[1:2]).transpose(1, 2))
+
+
 class ConvPositionalEncoder(nn.Module):
     """``depth`` x [Conv1d(k, groups) -> LayerNorm(no affine) -> GELU]; returns only the
     positional term (the caller adds it). k = max(3, width // depth); an even kernel
@@ -60,9 +68,7 @@ class ConvPositionalEncoder(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, D) -> (B, T, D)."""
-        T = x.shape[1]
         x = x.transpose(1, 2)  # (B, D, T)
         for conv in self.layers:
-            x = conv(x)[:, :, :T]
-            x = F.gelu(F.layer_norm(x.transpose(1, 2), x.shape[1:2]).transpose(1, 2))
+            x = conv_norm_gelu(conv, x)
         return x.transpose(1, 2)
