@@ -14,10 +14,16 @@ import torch
 Rules = List[Tuple[str, str]]
 
 _AUDIO = "modality_encoders.audio."
-V2_AUDIO_RULES: Rules = [
-    (r"^modality_encoders\.AUDIO\.local_encoder\.conv_layers\.(\d+)\.0\.", _AUDIO + r"feature_extractor.layers.\1.conv."),
-    (r"^modality_encoders\.AUDIO\.local_encoder\.conv_layers\.(\d+)\.2\.1\.", _AUDIO + r"feature_extractor.layers.\1.norm."),
-    (r"^modality_encoders\.AUDIO\.local_encoder\.conv_layers\.(\d+)\.2\.", _AUDIO + r"feature_extractor.layers.\1.norm."),
+
+
+def _conv_extractor_rules(official_prefix: str) -> Rules:
+    """wav2vec ConvFeatureExtractionModel keys (conv_layers.i.{0: conv, 2.1: LayerNorm | 2: GroupNorm})."""
+    src = "^" + re.escape(official_prefix) + r"conv_layers\.(\d+)\."
+    dst = _AUDIO + r"feature_extractor.layers.\1."
+    return [(src + r"0\.", dst + "conv."), (src + r"2\.1\.", dst + "norm."), (src + r"2\.", dst + "norm.")]
+
+
+V2_AUDIO_RULES: Rules = _conv_extractor_rules("modality_encoders.AUDIO.local_encoder.") + [
     (r"^modality_encoders\.AUDIO\.project_features\.1\.", _AUDIO + "project.norm."),
     (r"^modality_encoders\.AUDIO\.project_features\.2\.", _AUDIO + "project.linear."),
     (r"^modality_encoders\.AUDIO\.relative_positional_encoder\.(\d+)\.0\.", _AUDIO + r"pos_conv.layers.<\1-1>."),
@@ -28,11 +34,8 @@ V2_AUDIO_RULES: Rules = [
     (r"^blocks\.", "blocks."),
 ]
 
-V1_AUDIO_RULES: Rules = [
+V1_AUDIO_RULES: Rules = _conv_extractor_rules("feature_extractor.") + [
     (r"^mask_emb$", _AUDIO + "mask_emb"),
-    (r"^feature_extractor\.conv_layers\.(\d+)\.0\.", _AUDIO + r"feature_extractor.layers.\1.conv."),
-    (r"^feature_extractor\.conv_layers\.(\d+)\.2\.1\.", _AUDIO + r"feature_extractor.layers.\1.norm."),
-    (r"^feature_extractor\.conv_layers\.(\d+)\.2\.", _AUDIO + r"feature_extractor.layers.\1.norm."),
     (r"^layer_norm\.", _AUDIO + "project.norm."),
     (r"^post_extract_proj\.", _AUDIO + "project.linear."),
     (r"^encoder\.pos_conv\.(\d+)\.0\.", _AUDIO + r"pos_conv.layers.\1."),
