@@ -81,14 +81,14 @@ def _convert(sd: Dict[str, torch.Tensor], rules: Rules, prefix: str = "") -> Dic
 def convert_state_dict(sd: Dict, family: str) -> Dict:
     """Official ``model`` state dict (with its ``_ema`` teacher) -> d2v_multi state dict."""
     if family == "data2vec2":
-        rules, ema, ema_prefix = V2_AUDIO_RULES, sd.get("_ema"), ""
+        rules, ema_prefix = V2_AUDIO_RULES, ""
     elif family == "data2vec1_audio":
-        rules, ema, ema_prefix = V1_AUDIO_RULES, sd.get("_ema"), "encoder."
+        rules, ema_prefix = V1_AUDIO_RULES, "encoder."  # v1 teacher keys are relative to the encoder
     else:
         raise ValueError(f"unsupported checkpoint family {family!r} (supported: data2vec2, data2vec1_audio)")
     out = _convert(sd, rules)
-    if ema is not None:
-        out["_ema"] = _convert(ema, rules, ema_prefix)
+    if sd.get("_ema") is not None:
+        out["_ema"] = _convert(sd["_ema"], rules, ema_prefix)
     return out
 
 

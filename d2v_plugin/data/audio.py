@@ -103,6 +103,7 @@ class AudioPretrainDataset(FairseqDataset):
         self.files = [e[0] for e in kept]
         self.lines = [e[2] for e in kept]
         self.sizes = np.array([e[1] for e in kept], dtype=np.int64)
+        self.cropped_sizes = np.minimum(self.sizes, max_sample_size)  # what a batch holds of each file
         self.epoch = 1
         self.conv_spec: Optional[List[ConvLayerSpec]] = None
         self.masking: Optional[MaskSettings] = None
@@ -131,23 +132,21 @@ class AudioPretrainDataset(FairseqDataset):
         return {"id": index, "source": source}
 
     def size(self, index: int) -> int:
-        return int(min(self.sizes[index], self.max_sample_size))
+        return int(self.cropped_sizes[index])
 
     def num_tokens(self, index: int) -> int:
         return self.size(index)
 
     def num_tokens_vec(self, indices):
-        return np.minimum(self.sizes[indices], self.max_sample_size)
+        return self.cropped_sizes[indices]
 
     def ordered_indices(self):
-        sizes = np.minimum(self.sizes, self.max_sample_size)
         if not self.shuffle:
-            return np.argsort(sizes, kind="stable")
+            return np.argsort(self.cropped_sizes, kind="stable")
         rng = np.random.default_rng([self.seed, self.epoch])
-        return np.ascontiguousarray(np.lexsort((rng.permutation(len(self)), sizes))[::-1])
+        return np.ascontiguousarray(np.lexsort((rng.permutation(len(self)), self.cropped_sizes))[::-1])
 
     def collater(self, samples: List[Dict]) -> Dict:
-        samples = [s for s in samples if s["source"].numel() > 0]
         if not samples:
             return {}
         lengths = [len(s["source"]) for s in samples]
@@ -167,8 +166,7 @@ class AudioPretrainDataset(FairseqDataset):
         if padding.any():
             net_input["padding_mask"] = padding
         if self.masking is not None:
-            frames = conv_output_lengths((~padding).sum(1), self.conv_spec)
-            T = int(conv_output_lengths(torch.tensor([target]), self.conv_spec)[0])
+            frames = conv_output_lengths((~padding).sum(1), self.conv_spec)  # the longest row is `target` long
             g = seeded_generator(self.seed, self.epoch, *ids.tolist())
-            net_input["mask"] = self.masking(frames, T, g)
+            net_input["mask"] = self.masking(frames, int(frames.max()), g)
         return {"id": ids, "net_input": net_input}
