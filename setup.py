@@ -18,6 +18,8 @@ setup(
         "scipy>=1.10",
         "soundfile>=0.12",
         "sentencepiece>=0.1.99",
+        # edit distance for UER/WER: fairseq's own `--scoring wer` imports it
+        "editdistance>=0.8",
     ],
     extras_require={"test": ["pytest>=7", "ruff>=0.5"]},
 )

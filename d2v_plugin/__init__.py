@@ -1,14 +1,14 @@
 """d2v_plugin: data2vec 1.0 and 2.0 as a fairseq plugin.
 
-Importing the package registers the ``d2v_*`` tasks, the ``d2v_multi`` model and the
-``d2v`` criterion (fairseq auto-imports only ``models/`` and ``tasks/`` of a user
-dir, so the criterion is imported here), and allow-lists the few classes fairseq
+Importing the package registers the ``d2v_*`` tasks, models and criteria (fairseq
+auto-imports only ``models/`` and ``tasks/`` of a user dir, so the criteria are
+imported here), and allow-lists the few classes fairseq
 checkpoints pickle so ``torch.load``'s safe loader (default since torch 2.6) accepts
 them without turning it off.
 """
 from . import checkpoints  # noqa: F401  (allow-lists checkpoint globals)
-from .criterions import d2v  # noqa: F401
-from .models import d2v_multi  # noqa: F401
-from .tasks import audio_pretraining  # noqa: F401
+from .criterions import ctc, d2v  # noqa: F401
+from .models import d2v_ctc, d2v_multi  # noqa: F401
+from .tasks import asr_finetuning, audio_pretraining  # noqa: F401
 
 __version__ = "0.1.0"

@@ -100,3 +100,12 @@ def test_collater_crops_normalises_and_draws_masks(tmp_path):
 def test_wordnet_sentences():
     sentences = wordnet_sentences()
     assert len(sentences) > 10000 and all(4 <= len(s.split()) <= 14 for s in sentences[:100])
+
+
+def test_batching_keeps_the_last_partial_batch(speech_corpus):
+    ds = AudioPretrainDataset(str(speech_corpus / "manifest" / "train.tsv"), min_sample_size=0)
+    indices = ds.ordered_indices()[:29]  # 29 = 3 * 8 + 5: fairseq alone would drop the last 5
+    for mult in (1, 8):
+        batches = ds.batch_by_size(indices, max_sentences=8, required_batch_size_multiple=mult)
+        assert sorted(np.concatenate(batches).tolist()) == sorted(indices.tolist())
+        assert max(len(b) for b in batches) <= 8

@@ -14,22 +14,9 @@ from d2v_plugin.modules.ema import ema_decay_at
 from d2v_plugin.tasks.audio_pretraining import D2vAudioPretrainingConfig, D2vAudioPretrainingTask
 from d2v_plugin.userdir import user_dir
 
-from .conftest import REPO
+from .conftest import BIN, REPO, V1_FLAGS, run, train_args
 
-BIN = os.path.dirname(sys.executable)
 CONFIGS = sorted(glob.glob(os.path.join(REPO, "config", "pretrain", "audio", "*.yaml")))
-TINY_FLAGS = [
-    "--depth", "2", "--embed-dim", "32", "--num-heads", "4", "--average-top-k-layers", "2", "--layerdrop", "0",
-    "--audio-conv-feature-layers", "[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2",
-    "--audio-conv-pos-width", "8", "--audio-conv-pos-depth", "2", "--audio-conv-pos-groups", "4",
-    "--audio-decoder-dim", "16", "--audio-decoder-layers", "1", "--audio-decoder-groups", "4",
-    "--max-sample-size", "48000", "--min-sample-size", "16000", "--required-batch-size-multiple", "1",
-    "--ema-decay", "0.9", "--ema-end-decay", "0.99", "--ema-anneal-end-step", "10",
-]
-V1_FLAGS = ["--algorithm", "v1", "--clone-batch", "1", "--audio-mask-type", "span", "--audio-mask-prob", "0.65",
-            "--audio-mask-length", "10", "--audio-use-alibi", "false", "--ema-copy-pos-conv", "true"]
-
-
 def test_registries_hold_plugin_classes():
     from fairseq.criterions import CRITERION_REGISTRY
     from fairseq.models import MODEL_REGISTRY
@@ -67,12 +54,6 @@ def test_shipped_yaml_composes(path):
     OmegaConf.merge(OmegaConf.structured(D2vAudioPretrainingConfig), task)
 
 
-def train_args(data, *extra):
-    return [str(data), "--user-dir", user_dir(), "--task", "d2v_audio_pretraining", "--arch", "d2v_multi",
-            "--criterion", "d2v", "--optimizer", "adam", "--lr", "0.001", "--lr-scheduler", "fixed",
-            "--max-tokens", "100000", "--num-workers", "0", "--seed", "1", *TINY_FLAGS, *extra]
-
-
 @pytest.mark.parametrize("algorithm", ["v1", "v2"])
 def test_teacher_steps_once_per_update_with_update_freq(speech_corpus, algorithm):
     from fairseq import options, tasks
@@ -96,12 +77,6 @@ def test_teacher_steps_once_per_update_with_update_freq(speech_corpus, algorithm
             copied = algorithm == "v1" and ".pos_conv." in k
             expected = student[k].detach() if copied else d * before[k] + (1 - d) * student[k].detach()
             assert torch.allclose(v, expected, atol=1e-6), k
-
-
-def run(cmd, cwd):
-    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
 
 
 def check_checkpoint(path):
@@ -128,11 +103,9 @@ def test_fairseq_hydra_train_tiny_v2(speech_corpus, tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["v1", "v2"])
-def test_fairseq_train_flags(speech_corpus, tmp_path, algorithm):
-    extra = V1_FLAGS if algorithm == "v1" else ["--clone-batch", "2"]
-    log = run([os.path.join(BIN, "fairseq-train"), *train_args(speech_corpus / "manifest", *extra), "--max-update", "4",
-               "--save-dir", str(tmp_path / "ckpt"), "--log-format", "simple", "--log-interval", "1"], REPO)
+def test_fairseq_train_flags(pretrained, algorithm):
+    path, log = pretrained(algorithm)
     assert "done training" in log and "target_var" in log
-    _, cfg = check_checkpoint(tmp_path / "ckpt" / "checkpoint_last.pt")
+    _, cfg = check_checkpoint(path)
     assert cfg.model.algorithm == algorithm and cfg.model.depth == 2
     assert cfg.model.audio_use_alibi is (algorithm == "v2")

@@ -91,22 +91,28 @@ class AudioPretrainDataset(FairseqDataset):
                 f"{manifest}: {len(missing)} file(s) listed do not exist ({shown}). "
                 "Fix the root directory on line 1 or rebuild the manifest with d2v_plugin.prep.audio_manifest."
             )
-        kept = [e for e in entries if e[1] >= min_sample_size]
-        if len(kept) < len(entries):
-            logger.warning("%s: skipped %d of %d files shorter than min_sample_size=%d samples",
-                           manifest, len(entries) - len(kept), len(entries), min_sample_size)
-        if not kept:
-            raise AudioDataError(
-                f"{manifest}: no file is at least min_sample_size={min_sample_size} samples long; lower task.min_sample_size"
-            )
         self.root = root
-        self.files = [e[0] for e in kept]
-        self.lines = [e[2] for e in kept]
-        self.sizes = np.array([e[1] for e in kept], dtype=np.int64)
+        self.files = [e[0] for e in entries]
+        self.lines = [e[2] for e in entries]  # manifest line numbers, for error messages
+        self.entry_ids = np.arange(len(entries))  # position among the manifest's entries (label line)
+        self.sizes = np.array([e[1] for e in entries], dtype=np.int64)
         self.cropped_sizes = np.minimum(self.sizes, max_sample_size)  # what a batch holds of each file
+        self._keep(self.sizes >= min_sample_size, f"shorter than min_sample_size={min_sample_size} samples",
+                   "lower task.min_sample_size")
         self.epoch = 1
         self.conv_spec: Optional[List[ConvLayerSpec]] = None
         self.masking: Optional[MaskSettings] = None
+
+    def _keep(self, keep: np.ndarray, why: str, fix: str) -> None:
+        """Drop the files where ``keep`` is False: a counted and logged skip."""
+        if keep.all():
+            return
+        logger.warning("%s: skipped %d of %d files %s", self.manifest, int((~keep).sum()), len(keep), why)
+        if not keep.any():
+            raise AudioDataError(f"{self.manifest}: every file is {why}; {fix}")
+        idx = np.flatnonzero(keep)
+        self.files, self.lines = [self.files[i] for i in idx], [self.lines[i] for i in idx]
+        self.entry_ids, self.sizes, self.cropped_sizes = self.entry_ids[idx], self.sizes[idx], self.cropped_sizes[idx]
 
     def set_masking(self, conv_spec: List[ConvLayerSpec], masking: MaskSettings) -> None:
         """Let the collater (data workers) draw the model's masks."""
@@ -140,6 +146,16 @@ class AudioPretrainDataset(FairseqDataset):
     def num_tokens_vec(self, indices):
         return self.cropped_sizes[indices]
 
+    def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
+        """fairseq's batching, plus the final partial batch that fairseq 0.12.3 drops when it is
+        not a multiple of ``required_batch_size_multiple`` (it would lose utterances in evaluation)."""
+        batches = list(super().batch_by_size(indices, max_tokens, max_sentences, required_batch_size_multiple))
+        batched = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+        rest = np.asarray(indices)[~np.isin(indices, batched)]
+        if len(rest):
+            batches.append(rest.astype(np.int64))
+        return batches
+
     def ordered_indices(self):
         if not self.shuffle:
             return np.argsort(self.cropped_sizes, kind="stable")
@@ -170,3 +186,53 @@ class AudioPretrainDataset(FairseqDataset):
             g = seeded_generator(self.seed, self.epoch, *ids.tolist())
             net_input["mask"] = self.masking(frames, int(frames.max()), g)
         return {"id": ids, "net_input": net_input}
+
+
+class LabelledAudioDataset(AudioPretrainDataset):
+    """Audio with a token sequence per manifest entry (line i of ``{split}.{labels}``
+    labels entry i of ``{split}.tsv``), for CTC fine-tuning. Batches are padded, never
+    cropped: files longer than ``max_sample_size`` are skipped (counted and logged)."""
+
+    def __init__(self, manifest: str, labels_path: str, dictionary, sample_rate: int = 16000,
+                 max_sample_size: int = 480000, min_sample_size: int = 0, normalize: bool = True,
+                 seed: int = 1, shuffle: bool = True):
+        super().__init__(manifest, sample_rate, max_sample_size, min_sample_size, normalize, True, seed, shuffle)
+        if not os.path.isfile(labels_path):
+            raise AudioDataError(f"{labels_path}: labels not found; write them with "
+                                 "`python -m d2v_plugin.prep.asr_labels TRANSCRIPTS --manifest-dir DIR`")
+        with open(labels_path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        n_entries = len(read_manifest(manifest)[1])
+        if len(lines) != n_entries:
+            raise AudioDataError(f"{labels_path} has {len(lines)} lines but {manifest} lists {n_entries} files; "
+                                 "re-run d2v_plugin.prep.asr_labels so they line up")
+        self.labels = []
+        for i in self.entry_ids:
+            tokens = dictionary.encode_line(lines[i], add_if_not_exist=False, append_eos=False).long()
+            unknown = [s for s, t in zip(lines[i].split(), tokens.tolist()) if t == dictionary.unk()]
+            if unknown or len(tokens) == 0:
+                what = f"symbols {sorted(set(unknown))} not in the dictionary" if unknown else "no symbols"
+                raise AudioDataError(f"{labels_path}, line {i + 1}: {what}; fix the transcript and re-run d2v_plugin.prep.asr_labels")
+            self.labels.append(tokens)
+        self.pad_index = dictionary.pad()
+        self._keep(self.sizes <= max_sample_size,
+                   f"longer than max_sample_size={max_sample_size} samples (labelled audio is never cropped)",
+                   "raise task.max_sample_size")
+
+    def _keep(self, keep: np.ndarray, why: str, fix: str) -> None:
+        super()._keep(keep, why, fix)
+        if hasattr(self, "labels"):
+            self.labels = [lab for lab, k in zip(self.labels, keep) if k]
+
+    def __getitem__(self, index: int) -> Dict:
+        return {**super().__getitem__(index), "label": self.labels[index]}
+
+    def collater(self, samples: List[Dict]) -> Dict:
+        batch = super().collater(samples)
+        if not batch:
+            return batch
+        labels = [s["label"] for s in samples]
+        batch["target_lengths"] = torch.tensor([len(t) for t in labels])
+        batch["target"] = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=self.pad_index)
+        batch["ntokens"] = int(batch["target_lengths"].sum())
+        return batch

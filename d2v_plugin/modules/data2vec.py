@@ -12,7 +12,7 @@ local features; it is stepped by ``ema_step`` once per optimizer update.
 from __future__ import annotations
 
 import logging
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
@@ -182,11 +182,14 @@ class Data2Vec(nn.Module):
 
     # -- feature extraction / fine-tuning ------------------------------------------------
     def extract_features(self, source: Tensor, padding_mask: Optional[Tensor] = None, modality: str = "audio",
-                         layer: Optional[int] = None) -> Dict:
-        """Student features of the unmasked input: x (B, T, D), padding_mask (B, T) | None,
-        layer_results (per block FFN output); ``layer`` stops after that block (0-based)."""
+                         layer: Optional[int] = None, masker: Optional[Callable] = None) -> Dict:
+        """Student features: x (B, T, D), padding_mask (B, T) | None, layer_results (per block
+        FFN output); ``layer`` stops after that block (0-based). ``masker(feats, padding_mask,
+        encoder) -> feats`` corrupts the local features (fine-tuning masks), else none."""
         enc = self.modality_encoders[modality]
         feats, pad = enc.local_features(source, padding_mask)
+        if masker is not None:
+            feats = masker(feats, pad, enc)
         x = enc.add_positions(feats, pad)
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         blocks = self.blocks if layer is None else self.blocks[: layer + 1]

@@ -3,7 +3,8 @@
     python -m d2v_plugin.prep.audio_manifest AUDIO_DIR --dest OUT --valid-percent 0.01
 
 Every wav/flac/ogg file under AUDIO_DIR is checked (readable, sample rate, mono,
-non-empty); usable files go to OUT/train.tsv and OUT/valid.tsv (first line the root,
+non-empty); usable files go to OUT/train.tsv and OUT/valid.tsv (and OUT/test.tsv for
+the files named by ``--test-list``) (first line the root,
 then ``relative/path<TAB>num_samples``); the others are listed with the reason on
 stderr and in OUT/rejected.tsv.
 """
@@ -42,8 +43,16 @@ def find_audio(root: str, extensions: List[str]) -> List[str]:
     return sorted(found)
 
 
+def read_list(path: str) -> set:
+    """Real paths of the audio files named in the first column of a list/TSV file
+    (relative to the file's folder, or absolute)."""
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        return {os.path.realpath(os.path.join(base, line.split("\t")[0])) for line in f.read().splitlines() if line.strip()}
+
+
 def write_manifests(root: str, dest: str, valid_percent: float, sample_rate: int = 16000,
-                    extensions: List[str] = EXTENSIONS, seed: int = 42) -> dict:
+                    extensions: List[str] = EXTENSIONS, seed: int = 42, test_list: Optional[str] = None) -> dict:
     root = os.path.realpath(root)
     if not os.path.isdir(root):
         raise SystemExit(f"error: {root} is not a directory")
@@ -56,10 +65,17 @@ def write_manifests(root: str, dest: str, valid_percent: float, sample_rate: int
         (good.append((os.path.relpath(path, root), n)) if n else rejected.append((path, reason)))
     if not good:
         raise SystemExit(f"error: no usable {'/'.join(extensions)} file under {root} ({len(rejected)} rejected)")
+    splits = {}
+    if test_list:
+        held = read_list(test_list)
+        splits["test"] = sorted(g for g in good if os.path.join(root, g[0]) in held)
+        if len(splits["test"]) < len(held):
+            raise SystemExit(f"error: {len(held) - len(splits['test'])} file(s) of {test_list} are not usable audio under {root}")
+        good = [g for g in good if os.path.join(root, g[0]) not in held]
     rng = random.Random(seed)
     rng.shuffle(good)
     n_valid = int(round(len(good) * valid_percent))
-    splits = {"valid": sorted(good[:n_valid]), "train": sorted(good[n_valid:])} if n_valid else {"train": sorted(good)}
+    splits |= {"valid": sorted(good[:n_valid]), "train": sorted(good[n_valid:])} if n_valid else {"train": sorted(good)}
     for split, rows in splits.items():
         with open(os.path.join(dest, f"{split}.tsv"), "w", encoding="utf-8") as f:
             f.write(root + "\n" + "".join(f"{rel}\t{n}\n" for rel, n in rows))
@@ -78,8 +94,10 @@ def main(argv=None) -> None:
     ap.add_argument("--sample-rate", type=int, default=16000, help="required sample rate in Hz")
     ap.add_argument("--ext", default=",".join(EXTENSIONS), help="comma-separated extensions to include")
     ap.add_argument("--seed", type=int, default=42, help="seed of the train/valid split")
+    ap.add_argument("--test-list", help="file whose first column lists audio files for test.tsv (held out of train/valid)")
     a = ap.parse_args(argv)
-    counts = write_manifests(a.root, a.dest, a.valid_percent, a.sample_rate, [e.lower() for e in a.ext.split(",")], a.seed)
+    counts = write_manifests(a.root, a.dest, a.valid_percent, a.sample_rate, [e.lower() for e in a.ext.split(",")], a.seed,
+                             a.test_list)
     print(" ".join(f"{k}={v}" for k, v in counts.items()))
 
 
