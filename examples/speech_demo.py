@@ -1,84 +1,172 @@
-"""The main job of `make demo`: data2vec 2.0 speech pretraining on sample speech.
+"""The main job of `make demo`: the whole speech story on sample speech, with fairseq's binaries.
 
-1. builds a sample corpus (espeak-ng reading WordNet sentences, 16 kHz) and manifests,
-2. pretrains config/pretrain/audio/tiny_v2.yaml with `fairseq-hydra-train`,
-3. reloads checkpoint_last.pt with fairseq's loader and checks the fp32 teacher,
-4. prints the loss curve and what happened.
+1. builds a sample corpus (espeak-ng voices reading WordNet sentences, 16 kHz); the test
+   split holds out whole voices, and every utterance reads its own sentence, so test
+   voices and sentences are unseen in training;
+2. pretrains config/pretrain/audio/tiny_v2.yaml (data2vec 2.0) with `fairseq-hydra-train`
+   on the unlabelled training audio, and reloads the checkpoint (fp32 teacher check);
+3. fine-tunes config/finetune/asr/tiny.yaml with CTC on a labelled subset twice, from
+   the pretrained checkpoint and from random initialisation (same budget);
+4. decodes the held-out test split with `fairseq-generate --scoring wer` and prints
+   CER/WER for the untrained, from-scratch and pretrained models.
 """
 import argparse
+import json
 import os
+import random
 import re
 import shutil
 import subprocess
 import sys
 import time
 
+import editdistance
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
+PY = sys.executable
 
 
 def sh(cmd, log=None):
     print("$ " + " ".join(cmd), flush=True)
-    with open(log, "w") if log else open(os.devnull, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        f.write(proc.stdout)
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    if log:
+        with open(log, "w") as f:
+            f.write(proc.stdout)
     if proc.returncode != 0:
         sys.exit(f"command failed ({proc.returncode}); last output:\n{proc.stdout[-4000:]}")
     return proc.stdout
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="data/demo", help="working folder (corpus, checkpoints, logs)")
-    ap.add_argument("--n", type=int, default=400, help="utterances in the sample corpus")
-    ap.add_argument("--updates", type=int, default=200, help="pretraining updates")
-    ap.add_argument("--config", default="tiny_v2", help="config/pretrain/audio/<name>.yaml")
-    a = ap.parse_args()
-    work = os.path.abspath(a.work)
-    corpus, manifest, ckpt = f"{work}/speech", f"{work}/speech/manifest", f"{work}/ckpt_{a.config}"
-    if not os.path.isfile(f"{corpus}/transcripts.tsv"):
-        sh([sys.executable, "-m", "d2v_plugin.samples", "speech", "--out", corpus, "--n", str(a.n)])
-    if not os.path.isfile(f"{manifest}/train.tsv"):
-        sh([sys.executable, "-m", "d2v_plugin.prep.audio_manifest", f"{corpus}/wav", "--dest", manifest, "--valid-percent", "0.05"])
-    user_dir = sh([sys.executable, "-m", "d2v_plugin.userdir"]).strip().splitlines()[-1]
-    shutil.rmtree(ckpt, ignore_errors=True)  # a rerun trains afresh instead of resuming a finished run
+def hydra_train(config_dir, name, run_dir, log, *overrides):
     start = time.time()
-    log = f"{work}/pretrain_{a.config}.log"
-    sh([f"{BIN}/fairseq-hydra-train", "--config-dir", f"{REPO}/config/pretrain/audio", "--config-name", a.config,
-        f"task.data={manifest}", f"common.user_dir={user_dir}", f"checkpoint.save_dir={ckpt}",
-        f"hydra.run.dir={work}/hydra_{a.config}", f"optimization.max_update={a.updates}"], log=log)
-    minutes = (time.time() - start) / 60
-    text = open(log).read()
-    train = [(int(m.group(2)), float(m.group(1))) for m in re.finditer(r"train_inner\].*?loss=([\d.]+).*?num_updates=(\d+)", text)]
-    valid = [(int(m.group(2)), float(m.group(1))) for m in re.finditer(r"\[valid\].*?\| loss ([\d.]+) .*?num_updates (\d+)", text)]
+    sh([f"{BIN}/fairseq-hydra-train", "--config-dir", f"{REPO}/{config_dir}", "--config-name", name,
+        f"hydra.run.dir={run_dir}", *overrides], log=log)
+    return (time.time() - start) / 60
 
+
+def make_data(work, n, test_voices, labelled, seed):
+    """-> (unlabelled manifest dir, labelled ASR dir)."""
+    corpus, manifest, asr = f"{work}/speech", f"{work}/speech/manifest", f"{work}/asr"
+    if not os.path.isfile(f"{corpus}/transcripts.tsv"):
+        sh([PY, "-m", "d2v_plugin.samples", "speech", "--out", corpus, "--n", str(n)])
+    with open(f"{corpus}/speakers.tsv") as f:
+        held = [line for line in f if line.split("\t")[1] in test_voices]
+    with open(f"{corpus}/test_voices.tsv", "w") as f:
+        f.writelines(held)
+    shutil.rmtree(manifest, ignore_errors=True)
+    sh([PY, "-m", "d2v_plugin.prep.audio_manifest", f"{corpus}/wav", "--dest", manifest, "--valid-percent", "0.05",
+        "--test-list", f"{corpus}/test_voices.tsv"])
+    shutil.rmtree(asr, ignore_errors=True)
+    os.makedirs(asr)
+    for split in ("valid", "test"):
+        shutil.copy(f"{manifest}/{split}.tsv", f"{asr}/{split}.tsv")
+    with open(f"{manifest}/train.tsv") as f:
+        root, *lines = f.read().splitlines()
+    subset = sorted(random.Random(seed).sample(lines, min(labelled, len(lines))))
+    with open(f"{asr}/train.tsv", "w") as f:
+        f.write("\n".join([root, *subset]) + "\n")
+    sh([PY, "-m", "d2v_plugin.prep.asr_labels", f"{corpus}/transcripts.tsv", "--manifest-dir", asr])
+    return manifest, asr
+
+
+def check_pretrained(path):
+    """Reload with fairseq's loader: the teacher is fp32 and equals the saved _ema."""
     import torch
     from fairseq import checkpoint_utils
 
     import d2v_plugin  # noqa: F401  registers the d2v_* components
 
-    path = f"{ckpt}/checkpoint_last.pt"
     models, cfg, _ = checkpoint_utils.load_model_ensemble_and_task([path])
     saved = torch.load(path, weights_only=True)["model"]["_ema"]
     teacher = models[0].teacher.state_dict()
-    same = all(torch.equal(teacher[k], v) for k, v in saved.items()) and set(teacher) == set(saved)
+    same = set(teacher) == set(saved) and all(torch.equal(teacher[k], v) for k, v in saved.items())
     fp32 = all(v.dtype == torch.float32 for v in teacher.values())
     n_params = sum(p.numel() for n, p in models[0].named_parameters() if not n.startswith("teacher."))
+    return cfg, same, fp32, n_params
 
-    print(f"\nd2v_plugin demo: data2vec {cfg.model.algorithm} speech pretraining ({a.config}, {n_params/1e6:.2f} M parameters)")
-    print(f"corpus: {corpus} ({sum(1 for _ in open(manifest + '/train.tsv')) - 1} train utterances)")
-    print(f"trained {a.updates} updates in {minutes:.1f} min; full log: {log}")
-    print(f"{'update':>8} {'train loss':>11}")
-    for step, loss in train:
-        print(f"{step:>8} {loss:>11.3f}")
-    for step, loss in valid:
-        print(f"valid loss at update {step}: {loss:.3f}")
-    falling = len(train) >= 2 and train[-1][1] < train[0][1]
-    print(f"loss fell: {falling} ({train[0][1]:.3f} -> {train[-1][1]:.3f})" if train else "no loss logged")
-    print(f"reloaded {path} with fairseq.checkpoint_utils.load_model_ensemble_and_task: {type(models[0]).__name__}")
-    print(f"teacher weights fp32: {fp32}; equal to the saved _ema ({len(saved)} tensors): {same}")
-    if not (falling and same and fp32):
-        sys.exit("demo check failed")
+
+def losses(log):
+    text = open(log).read()
+    return [(int(m.group(2)), float(m.group(1))) for m in re.finditer(r"train_inner\].*?loss=([\d.]+).*?num_updates=(\d+)", text)]
+
+
+def decode(asr, ckpt, user_dir, log):
+    """fairseq-generate on the test split -> (CER %, WER % as fairseq prints it, utterances)."""
+    out = sh([f"{BIN}/fairseq-generate", asr, "--user-dir", user_dir, "--task", "d2v_asr_finetuning", "--path", ckpt,
+              "--gen-subset", "test", "--scoring", "wer", "--post-process", "letter", "--batch-size", "16",
+              "--num-workers", "0"], log=log)
+    refs = dict(re.findall(r"^T-(\d+)\t(.*)$", out, re.M))
+    hyps = {i: text for i, _, text in re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", out, re.M)}
+    chars = sum(editdistance.eval(refs[i], hyps.get(i, "")) for i in refs)
+    cer = 100.0 * chars / max(1, sum(len(r) for r in refs.values()))
+    wer = float(re.search(r"WER: ([\d.]+)", out).group(1))
+    return cer, wer, len(refs), next(iter(sorted(refs.items())), ("", ""))[1], hyps.get(min(refs, key=int), "")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="data/demo", help="working folder (corpus, checkpoints, logs)")
+    ap.add_argument("--n", type=int, default=600, help="utterances in the sample corpus")
+    ap.add_argument("--test-voices", default="en-gb-scotland,en-us+m3", help="espeak-ng voices held out for test")
+    ap.add_argument("--labelled", type=int, default=1000, help="labelled training utterances for fine-tuning")
+    ap.add_argument("--updates", type=int, default=400, help="pretraining updates")
+    ap.add_argument("--ft-updates", type=int, default=1000, help="fine-tuning updates (each run)")
+    ap.add_argument("--seed", type=int, default=1, help="seed of the labelled subset and of training")
+    a = ap.parse_args()
+    work = os.path.abspath(a.work)
+    user_dir = sh([PY, "-m", "d2v_plugin.userdir"]).strip().splitlines()[-1]
+    manifest, asr = make_data(work, a.n, a.test_voices.split(","), a.labelled, a.seed)
+    n_train = sum(1 for _ in open(f"{manifest}/train.tsv")) - 1
+    n_lab = sum(1 for _ in open(f"{asr}/train.tsv")) - 1
+    n_test = sum(1 for _ in open(f"{asr}/test.tsv")) - 1
+
+    pt_dir = f"{work}/ckpt_pretrain"
+    shutil.rmtree(pt_dir, ignore_errors=True)  # a rerun trains afresh instead of resuming a finished run
+    pt_log = f"{work}/pretrain.log"
+    pt_min = hydra_train("config/pretrain/audio", "tiny_v2", f"{work}/hydra_pretrain", pt_log, f"task.data={manifest}",
+                         f"common.user_dir={user_dir}", f"checkpoint.save_dir={pt_dir}", f"common.seed={a.seed}",
+                         f"optimization.max_update={a.updates}", f"model.ema_anneal_end_step={a.updates}")
+    pretrained = f"{pt_dir}/checkpoint_last.pt"
+    cfg, same, fp32, n_params = check_pretrained(pretrained)
+    curve = losses(pt_log)
+
+    runs = {"untrained (random init, no training)": ("true", 10, "[0.0]"),  # lr 0: weights never change
+            "fine-tuned from random init": ("true", a.ft_updates, None),
+            "fine-tuned from d2v pretraining": ("false", a.ft_updates, None)}
+    results = {}
+    for name, (random_init, updates, lr) in runs.items():
+        tag = re.sub(r"\W+", "_", name.split(" (")[0])
+        save = f"{work}/ckpt_{tag}"
+        shutil.rmtree(save, ignore_errors=True)
+        extra = [f"optimization.lr={lr}"] if lr else []
+        minutes = hydra_train("config/finetune/asr", "tiny", f"{work}/hydra_{tag}", f"{work}/{tag}.log",
+                              f"task.data={asr}", f"model.pretrained_path={pretrained}", f"model.random_init={random_init}",
+                              f"common.user_dir={user_dir}", f"checkpoint.save_dir={save}", f"common.seed={a.seed}",
+                              f"optimization.max_update={updates}", *extra)
+        cer, wer, n, ref, hyp = decode(asr, f"{save}/checkpoint_best.pt", user_dir, f"{work}/generate_{tag}.log")
+        results[name] = {"updates": updates, "minutes": round(minutes, 1), "test_cer": round(cer, 2), "test_wer": wer,
+                         "example_ref": ref, "example_hyp": hyp, "utterances": n}
+
+    print(f"\nd2v_plugin demo: data2vec {cfg.model.algorithm} speech pretraining + CTC fine-tuning "
+          f"({n_params / 1e6:.2f} M parameters)")
+    print(f"corpus: {work}/speech; pretraining on {n_train} unlabelled utterances, fine-tuning on {n_lab} labelled, "
+          f"test: {n_test} utterances of held-out voices ({a.test_voices}) and unseen sentences")
+    print(f"pretraining: {a.updates} updates in {pt_min:.1f} min, loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}; "
+          f"reloaded teacher fp32: {fp32}, equal to the saved _ema: {same}")
+    print(f"\n{'model':<40} {'updates':>7} {'min':>5} {'test CER %':>10} {'test WER %':>10}")
+    for name, r in results.items():
+        print(f"{name:<40} {r['updates']:>7} {r['minutes']:>5} {r['test_cer']:>10.2f} {r['test_wer']:>10.2f}")
+    best = results["fine-tuned from d2v pretraining"]
+    print(f"\nexample (test): REF {best['example_ref']!r}\n                HYP {best['example_hyp']!r}")
+    with open(f"{work}/results.json", "w") as f:
+        json.dump({"pretrain_updates": a.updates, "labelled": n_lab, "test": n_test, "runs": results}, f, indent=1)
+    print(f"results: {work}/results.json; logs and fairseq-generate outputs in {work}/")
+    untrained = results["untrained (random init, no training)"]["test_cer"]
+    ok = curve[-1][1] < curve[0][1] and same and fp32 and best["test_cer"] < 0.8 * untrained
+    if not ok:
+        sys.exit("demo check failed: the pretraining loss must fall, the teacher reload must match, and fine-tuning "
+                 "must decode far better than the untrained model")
 
 
 if __name__ == "__main__":

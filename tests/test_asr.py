@@ -290,3 +290,15 @@ def test_fairseq_train_then_generate_scores_wer(pretrained, asr_data, tmp_path):
     assert expected < 100.0  # some references contain the word "A"
     reported = float(re.search(r"WER: ([\d.]+)", out).group(1))
     assert reported == pytest.approx(expected, abs=0.006)
+
+
+def test_fairseq_hydra_train_tiny_finetune_yaml(pretrained, asr_data, tmp_path):
+    path, _ = pretrained("v1")
+    log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/finetune/asr"),
+               "--config-name", "tiny", f"task.data={asr_data}", f"model.pretrained_path={path}",
+               f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'ft'}", f"hydra.run.dir={tmp_path / 'hydra'}",
+               "optimization.max_update=3", "dataset.num_workers=0", "model.freeze_finetune_updates=2"])
+    assert "done training" in log and "| wer " in log
+    saved = torch.load(tmp_path / "ft" / "checkpoint_last.pt", weights_only=True)
+    assert saved["cfg"]["model"]["pretrained_args"]["model"]["algorithm"] == "v1"  # reloads without the pretraining file
+    assert "proj.weight" in saved["model"] and not any(k.startswith("encoder.teacher") or "_ema" in k for k in saved["model"])
