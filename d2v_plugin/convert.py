@@ -1,6 +1,6 @@
 """Map official fairseq data2vec weights and configs onto ``d2v_multi``.
 
-Families: ``data2vec2`` (``data2vec_multi``, speech) and ``data2vec1_audio``
+Families: ``data2vec2`` (``data2vec_multi``, speech or images) and ``data2vec1_audio``
 (``data2vec_audio``). The converted config sets ``padding_aware=false`` so a converted
 model computes exactly what the official code computes.
 """
@@ -14,6 +14,7 @@ import torch
 Rules = List[Tuple[str, str]]
 
 _AUDIO = "modality_encoders.audio."
+_IMAGE = "modality_encoders.image."
 
 
 def _conv_extractor_rules(official_prefix: str) -> Rules:
@@ -31,6 +32,12 @@ V2_AUDIO_RULES: Rules = _conv_extractor_rules("modality_encoders.AUDIO.local_enc
     (r"^modality_encoders\.AUDIO\.decoder\.blocks\.(\d+)\.0\.", _AUDIO + r"decoder.layers.\1."),
     (r"^modality_encoders\.AUDIO\.decoder\.proj\.", _AUDIO + "decoder.proj."),
     (r"^modality_encoders\.AUDIO\.alibi_scale$", _AUDIO + "alibi_scale"),
+    (r"^modality_encoders\.IMAGE\.local_encoder\.proj\.", _IMAGE + "patch_embed.proj."),
+    (r"^modality_encoders\.IMAGE\.fixed_positional_encoder\.positions$", _IMAGE + "positions"),
+    (r"^modality_encoders\.IMAGE\.extra_tokens$", _IMAGE + "extra_tokens"),
+    (r"^modality_encoders\.IMAGE\.context_encoder\.", _IMAGE + "context."),
+    (r"^modality_encoders\.IMAGE\.decoder\.blocks\.(\d+)\.0\.", _IMAGE + r"decoder.layers.\1."),
+    (r"^modality_encoders\.IMAGE\.decoder\.proj\.", _IMAGE + "decoder.proj."),
     (r"^blocks\.", "blocks."),
 ]
 
@@ -112,19 +119,22 @@ def _loss(c: Dict) -> Dict:
 def convert_config(c: Dict, family: str) -> Dict:
     """Official resolved model config (a plain dict) -> ``D2vMultiConfig`` fields."""
     if family == "data2vec2":
-        return _v2_audio_config(c)
+        modality = str(c.get("supported_modality") or "AUDIO").lower()
+        if modality not in ("audio", "image"):
+            raise ValueError(f"data2vec 2.0 {modality} checkpoints are not supported yet (audio, image)")
+        return _v2_audio_config(c) if modality == "audio" else _v2_image_config(c)
     if family == "data2vec1_audio":
         return _v1_audio_config(c)
     raise ValueError(f"unsupported config family {family!r}")
 
 
-def _v2_audio_config(c: Dict) -> Dict:
-    a, dec = c["modalities"]["audio"], c["modalities"]["audio"]["decoder"]
+def _v2_shared(c: Dict, m: Dict) -> Dict:
+    """Settings every data2vec 2.0 modality shares; m: the modality's config."""
     layer, final = _target_norms(c)
-    if c.get("ema_encoder_only") or a.get("ema_local_encoder") or a.get("learned_alibi_scale_per_layer"):
-        raise ValueError("speech checkpoints with ema_encoder_only / ema_local_encoder / per-layer ALiBi scales are not supported")
+    if c.get("ema_encoder_only"):
+        raise ValueError("checkpoints with ema_encoder_only (text) are not supported yet")
     return dict(
-        algorithm="v2", modalities="audio", depth=c["depth"], embed_dim=c["embed_dim"], num_heads=c["num_heads"],
+        algorithm="v2", depth=c["depth"], embed_dim=c["embed_dim"], num_heads=c["num_heads"],
         mlp_ratio=c["mlp_ratio"], norm_eps=c["norm_eps"], layer_norm_first=c["layer_norm_first"],
         encoder_dropout=c["encoder_dropout"], attention_dropout=c["attention_dropout"],
         activation_dropout=c["activation_dropout"], post_mlp_dropout=c["post_mlp_drop"], dropout_input=c["dropout_input"],
@@ -132,18 +142,46 @@ def _v2_audio_config(c: Dict) -> Dict:
         average_top_k_layers=c["average_top_k_layers"], target_layer_norm=layer, target_final_norm=final,
         padding_aware=False, ema_decay=c["ema_decay"], ema_end_decay=c["ema_end_decay"],
         ema_anneal_end_step=c["ema_anneal_end_step"], min_target_var=c["min_target_var"], min_pred_var=c["min_pred_var"],
-        mask_noise_std=a["mask_noise_std"], decoder_input_dropout=dec["input_dropout"],
+        mask_noise_std=m["mask_noise_std"], decoder_input_dropout=m["decoder"]["input_dropout"], **_loss(c),
+    )
+
+
+def _decoder(prefix: str, dec: Dict) -> Dict:
+    keys = ("dim", "kernel", "layers", "groups", "residual")
+    out = {f"{prefix}_decoder_{k}": dec[f"decoder_{k}"] for k in keys}
+    out[f"{prefix}_decoder_projection_layers"] = dec["projection_layers"]
+    out[f"{prefix}_decoder_projection_ratio"] = dec["projection_ratio"]
+    return out
+
+
+def _v2_audio_config(c: Dict) -> Dict:
+    a = c["modalities"]["audio"]
+    if a.get("ema_local_encoder") or a.get("learned_alibi_scale_per_layer"):
+        raise ValueError("speech checkpoints with ema_local_encoder / per-layer ALiBi scales are not supported")
+    return dict(
+        _v2_shared(c, a), modalities="audio",
         audio_conv_feature_layers=a["feature_encoder_spec"], audio_extractor_mode=a["extractor_mode"],
         audio_feature_grad_mult=a["local_grad_mult"], audio_conv_pos_width=a["conv_pos_width"],
         audio_conv_pos_depth=a["conv_pos_depth"], audio_conv_pos_groups=a["conv_pos_groups"],
         audio_prenet_depth=a["prenet_depth"], audio_prenet_dropout=a["prenet_dropout"],
         audio_use_alibi=a["use_alibi_encoder"], audio_alibi_learned_scale=a["learned_alibi_scale"],
         audio_mask_type="block", audio_mask_prob=a["mask_prob"], audio_mask_length=a["mask_length"],
-        audio_mask_prob_adjust=a["mask_prob_adjust"], audio_decoder_dim=dec["decoder_dim"],
-        audio_decoder_kernel=dec["decoder_kernel"], audio_decoder_layers=dec["decoder_layers"],
-        audio_decoder_groups=dec["decoder_groups"], audio_decoder_residual=dec["decoder_residual"],
-        audio_decoder_projection_layers=dec["projection_layers"], audio_decoder_projection_ratio=dec["projection_ratio"],
-        **_loss(c),
+        audio_mask_prob_adjust=a["mask_prob_adjust"], **_decoder("audio", a["decoder"]),
+    )
+
+
+def _v2_image_config(c: Dict) -> Dict:
+    i = c["modalities"]["image"]
+    if i.get("use_alibi_encoder") or not i.get("fixed_positions", True) or i.get("embed_dim", c["embed_dim"]) != c["embed_dim"]:
+        raise ValueError("image checkpoints with ALiBi, learned positions or a separate patch width are not supported")
+    return dict(
+        _v2_shared(c, i), modalities="image",
+        image_input_size=i["input_size"], image_patch_size=i["patch_size"], image_in_chans=i["in_chans"],
+        image_prenet_depth=i["prenet_depth"], image_prenet_dropout=i["prenet_dropout"],
+        image_num_extra_tokens=i["num_extra_tokens"], image_mask_type="inverse_block" if i["inverse_mask"] else "block",
+        image_mask_prob=i["mask_prob"], image_mask_length=i["mask_length"], image_mask_prob_adjust=i["mask_prob_adjust"],
+        image_ema_local_encoder=i["ema_local_encoder"], image_cls_loss=c.get("cls_loss", 0.0),
+        **_decoder("image", i["decoder"]),
     )
 
 

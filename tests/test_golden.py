@@ -1,7 +1,8 @@
 """Parity with the official fairseq data2vec code, on its own recorded outputs.
 
 Every speech fixture (``family`` data2vec2 with an AUDIO encoder, or data2vec1_audio)
-in ``D2V_GOLDEN_DIR`` (default tests/golden/) is loaded: the official weights are
+and every image fixture (data2vec2 with an IMAGE encoder) in ``D2V_GOLDEN_DIR``
+(default tests/golden/) is loaded: the official weights are
 mapped onto d2v_multi, the forward is rerun with the stored mask, and every stage is
 compared within 1e-5. The fixtures' README describes each tensor.
 """
@@ -27,11 +28,19 @@ def _is_audio(path: Path) -> bool:
     return r.get("family") == "data2vec2" and any(k.startswith("modality_encoders.AUDIO.") for k in r["state_dict"])
 
 
-AUDIO_FIXTURES = sorted(p for p in GOLDEN_DIR.glob("*.pt") if p.name != "components.pt" and _is_audio(p))
+def _is_image(path: Path) -> bool:
+    r = torch.load(path, weights_only=True)
+    return r.get("family") == "data2vec2" and any(k.startswith("modality_encoders.IMAGE.") for k in r["state_dict"])
 
 
-def test_audio_fixtures_present():
+MODEL_FILES = sorted(p for p in GOLDEN_DIR.glob("*.pt") if p.name != "components.pt")
+AUDIO_FIXTURES = [p for p in MODEL_FILES if _is_audio(p)]
+IMAGE_FIXTURES = [p for p in MODEL_FILES if _is_image(p)]
+
+
+def test_fixtures_present():
     assert AUDIO_FIXTURES, f"no speech golden fixture found in {GOLDEN_DIR} (set D2V_GOLDEN_DIR)"
+    assert IMAGE_FIXTURES, f"no image golden fixture found in {GOLDEN_DIR} (set D2V_GOLDEN_DIR)"
 
 
 def close(name, ours, ref, tol=TOL):
@@ -56,6 +65,11 @@ def by_position(x, ids_keep):
 
 @pytest.fixture(params=AUDIO_FIXTURES, ids=lambda p: p.name)
 def fixture(request):
+    return torch.load(request.param, weights_only=True)
+
+
+@pytest.fixture(params=IMAGE_FIXTURES, ids=lambda p: p.name)
+def image_fixture(request):
     return torch.load(request.param, weights_only=True)
 
 
@@ -88,7 +102,7 @@ def test_training_forward(fixture):
         close(f"teacher layer {i}", ours, ref)
     close("targets", targets, out["targets"])
 
-    pred = model.forward_student("audio", feats, frame_pad, mask)
+    pred, _ = model.forward_student("audio", feats, frame_pad, mask)
     if v1:
         close("student_encoder_in", torch.where(mask.unsqueeze(-1), enc.mask_emb, feats), out["encoder_in"])
         close("student_encoder_out", seen["out"], out["student_encoder_out"])
@@ -109,6 +123,71 @@ def test_training_forward(fixture):
     assert result["sample_size"] == int(ref_res["sample_size"])
     close("target_var", result["target_var"], torch.as_tensor(ref_res["target_var"]))
     close("pred_var", result["pred_var"], torch.as_tensor(ref_res["pred_var"]))
+
+
+def test_image_training_forward(image_fixture):
+    r, out = image_fixture, image_fixture["outputs"]
+    model = build(r)
+    enc = model.modality_encoders["image"]
+    E, M = enc.num_extra, model.cfg.clone_batch
+    src, mask, ids = r["inputs"]["source"], r["mask"], r["mask_info"]["ids_keep"]
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda m, i: seen.setdefault("in", []).append(i[0]))
+    model.teacher.blocks[0].register_forward_pre_hook(lambda m, i: seen.__setitem__("teacher_in", i[0]))
+    model.teacher.modality_encoders["image"].patch_embed.register_forward_hook(lambda m, i, o: seen.__setitem__("t_local", o))
+    model.blocks[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("out", o[0]))
+
+    feats, pad = enc.local_features(src)
+    close("local_features", feats, out["local_features"])
+    targets, layers = model.forward_teacher("image", feats, pad, src)
+    close("teacher_local_encoder_out", seen["t_local"], out["teacher_local_encoder_out"])
+    close("teacher_in", seen["teacher_in"], out["teacher_in"])
+    for i, (ours, ref) in enumerate(zip(layers, out["teacher_layer_results"][-len(layers):])):
+        close(f"teacher layer {i}", ours, ref[:, E:])
+    close("targets", targets, out["targets"])
+
+    pred, cls_pred = model.forward_student("image", feats, pad, mask)
+
+    def in_time_order(x):  # (BM, E+K, D) in the reference's kept order -> extra tokens, then time order
+        return torch.cat([x[:, :E], by_position(x[:, E:], ids)], dim=1)
+
+    close("student_encoder_in", seen["in"][0], in_time_order(out["student_encoder_in"]))
+    close("student_encoder_out", seen["out"], in_time_order(out["student_encoder_out"]))
+    close("cls_pred", cls_pred, out["cls_pred"])
+    close("pred_masked", pred, out["pred_masked"])
+
+    result = model.forward_loss(pred, targets, mask, cls_pred, enc.cls_loss)
+    ref_res = out["result"]
+    y = targets.repeat_interleave(M, 0)[mask]
+    elementwise = regression_loss(pred, y, model.cfg.loss, model.cfg.loss_beta, model.cfg.loss_scale)
+    close("loss (elementwise)", elementwise, ref_res["losses"]["IMAGE_regression"])
+    cls_ref = ref_res["losses"]["cls"].sum()
+    close("cls loss", result["losses"]["cls"], cls_ref, tol=TOL * max(1.0, float(cls_ref.abs())))
+    assert result["sample_size"] == int(ref_res["sample_size"])
+    assert result["masked_pct"] == pytest.approx(ref_res["masked_pct"])
+    close("target_var", result["target_var"], torch.as_tensor(ref_res["target_var"]))
+    close("pred_var", result["pred_var"], torch.as_tensor(ref_res["pred_var"]))
+
+
+@pytest.mark.parametrize("path", IMAGE_FIXTURES, ids=lambda p: p.name)
+def test_image_eval_features_and_ema(path):
+    r = torch.load(path, weights_only=True)
+    model = build(r).eval()
+    with torch.no_grad():
+        feats = model.extract_features(r["inputs"]["source"], modality="image")
+    ref = r["outputs"]["features"]
+    close("features.x", feats["x"], ref["x"])
+    for i, (ours, theirs) in enumerate(zip(feats["layer_results"], ref["layer_results"])):
+        close(f"features layer {i}", ours, theirs)
+    model.train()
+    before = convert_state_dict({**r["state_dict"], "_ema": r["ema_test"]["ema_before"]}, r["family"])["_ema"]
+    after = convert_state_dict(r["state_dict"], r["family"])["_ema"]
+    model.teacher.load_state_dict(before)
+    model.teacher.step(model, r["ema_test"]["decay_used"])
+    state = model.teacher.state_dict()
+    assert set(state) == set(after)
+    for k, v in after.items():
+        close(f"_ema[{k}]", state[k], v, tol=0.0)
 
 
 def test_eval_features(fixture):

@@ -158,7 +158,7 @@ def test_loss_counts_only_masked_positions():
         targets, _ = model.forward_teacher("audio", feats, fpad)
         mask = torch.zeros(4, targets.shape[1], dtype=torch.bool)
         mask[:, 10:30] = True
-        pred = model.forward_student("audio", feats, fpad, mask)
+        pred, _ = model.forward_student("audio", feats, fpad, mask)
         assert pred.shape == (80, 32)
         out = model.forward_loss(pred, targets, mask)
         assert out["sample_size"] == 80

@@ -18,6 +18,7 @@ TARGET_LAYER_NORM = ChoiceEnum(["none", "instance", "layer", "batch"])
 TARGET_FINAL_NORM = ChoiceEnum(["none", "instance", "layer"])
 LOSS = ChoiceEnum(["l2", "smooth_l1"])
 MASK_TYPE = ChoiceEnum(["block", "span"])
+IMAGE_MASK_TYPE = ChoiceEnum(["inverse_block", "block", "beit"])
 EXTRACTOR_MODE = ChoiceEnum(["layer_norm", "group_norm"])
 
 
@@ -83,14 +84,59 @@ class AudioEncoderConfig(FairseqDataclass):
 
 
 @dataclass
-class D2vMultiConfig(AudioEncoderConfig):
+class ImageEncoderConfig(FairseqDataclass):
+    image_input_size: int = field(default=224, metadata={"help": "image side in pixels (square inputs)"})
+    image_patch_size: int = field(default=16, metadata={"help": "patch side in pixels (huge: 14)"})
+    image_in_chans: int = field(default=3, metadata={"help": "input channels (images are decoded as RGB)"})
+    image_prenet_depth: int = field(
+        default=2, metadata={"help": "image-only Transformer blocks before the shared blocks (v2 base: 2 + depth 10)"}
+    )
+    image_prenet_dropout: float = field(default=0.0, metadata={"help": "dropout before the prenet blocks"})
+    image_num_extra_tokens: int = field(default=1, metadata={"help": "learned tokens prepended to the patches (CLS)"})
+    image_mask_type: IMAGE_MASK_TYPE = field(
+        default="inverse_block",
+        metadata={"help": "inverse_block: blocks of visible patches, rest masked (data2vec 2.0); block: blocks "
+                          "of masked patches; beit: BEiT rectangles (data2vec 1.0)"},
+    )
+    image_mask_prob: float = field(
+        default=0.8, metadata={"help": "fraction of patches masked (v2 base 0.8, large 0.75; v1 0.6)"}
+    )
+    image_mask_length: int = field(
+        default=3, metadata={"help": "block side in patches (v2: 3); beit: smallest rectangle in patches (16)"}
+    )
+    image_mask_prob_adjust: float = field(
+        default=0.07, metadata={"help": "extra block centres drawn before trimming to the exact count"}
+    )
+    image_ema_local_encoder: bool = field(
+        default=True, metadata={"help": "the teacher keeps its own EMA patch embedding (data2vec 2.0 images)"}
+    )
+    image_cls_loss: float = field(
+        default=0.01, metadata={"help": "weight of the v2 CLS loss: student CLS output vs mean target; 0 disables"}
+    )
+    image_decoder_dim: int = field(default=768, metadata={"help": "v2 decoder width (base 768, large 1024)"})
+    image_decoder_kernel: int = field(default=3, metadata={"help": "v2 decoder 2-D conv kernel (patches)"})
+    image_decoder_layers: int = field(default=6, metadata={"help": "v2 decoder conv layers (base 6, large 3)"})
+    image_decoder_groups: int = field(default=16, metadata={"help": "v2 decoder conv groups"})
+    image_decoder_residual: bool = field(
+        default=True, metadata={"help": "residual connections between decoder layers of equal width"}
+    )
+    image_decoder_projection_layers: int = field(
+        default=1, metadata={"help": "linear layers projecting the decoder output back to embed_dim"}
+    )
+    image_decoder_projection_ratio: float = field(
+        default=2.0, metadata={"help": "width multiplier of the first projection layer when there are several"}
+    )
+
+
+@dataclass
+class D2vMultiConfig(ImageEncoderConfig, AudioEncoderConfig):
     algorithm: ALGORITHM = field(
         default="v2",
         metadata={"help": "v1: data2vec 1.0 (student sees the whole masked input, mask embeddings, linear "
                           "head); v2: data2vec 2.0 (student skips masked tokens, conv decoder, multi-mask)"},
     )
     modalities: str = field(
-        default="audio", metadata={"help": "comma-separated modality encoders to build (audio)"}
+        default="audio", metadata={"help": "comma-separated modality encoders to build (audio, image)"}
     )
     depth: int = field(default=12, metadata={"help": "shared Transformer blocks (Base 12, Large 24)"})
     embed_dim: int = field(default=768, metadata={"help": "model dimension D (Base 768, Large 1024)"})

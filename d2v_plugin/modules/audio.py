@@ -10,34 +10,18 @@ them and fills them back in for the ``decoder``.
 """
 from __future__ import annotations
 
-import copy
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .decoder import ConvDecoder1d
+from .decoder import ConvDecoder
+from .ema import teacher_view
 from .feature_extractor import ConvFeatureExtractor, frame_padding_mask, parse_conv_spec
 from .masking import MaskSettings
 from .positional import ConvPositionalEncoder, alibi_bias_1d, alibi_slopes
-from .transformer import run_blocks
-
-
-class ContextEncoder(nn.Module):
-    """LayerNorm (post-LN models) -> dropout -> prenet blocks."""
-
-    def __init__(self, dim: int, norm_eps: float, dropout: float, blocks: nn.ModuleList, layer_norm_first: bool):
-        super().__init__()
-        self.norm = None if layer_norm_first else nn.LayerNorm(dim, eps=norm_eps)
-        self.dropout = nn.Dropout(dropout)
-        self.blocks = blocks
-
-    def forward(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
-        if self.norm is not None:
-            x = self.norm(x)
-        x, _ = run_blocks(self.blocks, self.dropout(x), bias, keep_last=0)
-        return x
+from .transformer import ContextEncoder
 
 
 def scale_grad(x: Tensor, mult: float) -> Tensor:
@@ -66,16 +50,10 @@ class AudioEncoder(nn.Module):
         self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(cfg.num_heads)), persistent=False)
         self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads)) if cfg.audio_use_alibi and cfg.audio_alibi_learned_scale else None
         self.zero_padding = algorithm == "v1" or cfg.padding_aware
+        self.extra_tokens, self.num_extra, self.cls_loss, self.ema_local_encoder = None, 0, 0.0, False
         self.masking = MaskSettings.from_config(cfg, "audio")
         self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if algorithm == "v1" else None
-        self.decoder = (
-            ConvDecoder1d(
-                D, cfg.audio_decoder_dim, cfg.audio_decoder_kernel, cfg.audio_decoder_layers, cfg.audio_decoder_groups,
-                cfg.audio_decoder_residual, cfg.audio_decoder_projection_layers, cfg.audio_decoder_projection_ratio,
-            )
-            if algorithm == "v2"
-            else None
-        )
+        self.decoder = ConvDecoder.from_config(cfg, "audio") if algorithm == "v2" else None
 
     # -- shared by student and teacher -------------------------------------------------
     def local_features(self, source: Tensor, padding_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
@@ -110,13 +88,7 @@ class AudioEncoder(nn.Module):
     def teacher_copy(self) -> "AudioEncoder":
         """What the EMA teacher owns: positions, context, ALiBi scale (the feature
         extractor and projection are shared with the student; no decoder)."""
-        twin = copy.copy(self)
-        twin._modules = dict(self._modules)
-        twin._parameters = dict(self._parameters)
-        for name in ("feature_extractor", "project", "decoder"):
-            twin._modules[name] = None
-        twin._parameters["mask_emb"] = None
-        return twin
+        return teacher_view(self, ("feature_extractor", "project", "decoder"), ("mask_emb",))
 
     def remove_pretraining_modules(self) -> None:
         self.decoder = None

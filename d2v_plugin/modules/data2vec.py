@@ -20,13 +20,14 @@ from torch import Tensor
 
 from .audio import AudioEncoder
 from .ema import EMATeacher, ema_decay_at
+from .image import ImageEncoder
 from .loss import CollapseMonitor, channel_std, regression_loss
 from .masking import kept_positions
 from .targets import build_targets
 from .transformer import Block, attention_bias, run_blocks
 
 EMA_KEY = "_ema"
-ENCODERS = {"audio": AudioEncoder}  # modality name -> encoder class
+ENCODERS = {"audio": AudioEncoder, "image": ImageEncoder}  # modality name -> encoder class
 logger = logging.getLogger(__name__)
 
 
@@ -57,7 +58,8 @@ class Data2Vec(nn.Module):
         self.final_proj = nn.Linear(cfg.embed_dim, cfg.embed_dim) if cfg.algorithm == "v1" else None
         self.apply(init_bert_params)
         for enc in self.modality_encoders.values():  # default init for the projections, as the reference
-            enc.project.linear.reset_parameters()
+            if hasattr(enc, "project"):
+                enc.project.linear.reset_parameters()
             if enc.decoder is not None:
                 for m in enc.decoder.proj.modules():
                     if isinstance(m, nn.Linear):
@@ -101,40 +103,52 @@ class Data2Vec(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                 modality: str = "audio", **unused) -> Dict:
-        """source: modality input (audio: (B, L)); mask: (B * clone_batch, T) bool, True =
-        masked (drawn here if None). Returns losses, sample_size and diagnostics."""
+        """source: modality input (audio (B, L), image (B, C, H, W)); mask: (B * clone_batch, T)
+        bool, True = masked (drawn here if None). Returns losses, sample_size and diagnostics."""
+        if modality not in self.modality_encoders:
+            raise ValueError(f"modality {modality!r} is not in this model ({', '.join(self.modality_encoders)})")
         enc = self.modality_encoders[modality]
         feats, pad = enc.local_features(source, padding_mask)  # (B, T, D), (B, T) | None
         B, T, _ = feats.shape
         if mask is None:
             mask = enc.masking(enc.frame_lengths(pad, B, T), T).to(feats.device)
-        targets, _ = self.forward_teacher(modality, feats, pad)  # (B, T, D) fp32
-        pred = self.forward_student(modality, feats, pad, mask)  # (N, D)
-        return self.forward_loss(pred, targets, mask)
+        targets, _ = self.forward_teacher(modality, feats, pad, source)  # (B, T, D) fp32
+        pred, cls_pred = self.forward_student(modality, feats, pad, mask)  # (N, D), (BM, D) | None
+        return self.forward_loss(pred, targets, mask, cls_pred, enc.cls_loss)
 
     def encode(self, enc, x: Tensor, padding_mask: Optional[Tensor], positions: Tensor, blocks: nn.ModuleList,
                keep_last: Optional[int] = 0):
-        """Context encoder + shared blocks. x: (B, K, D) with positions added;
-        positions: (B, K) time index of each token (for ALiBi)."""
+        """Extra tokens + context stage + shared blocks. x: (B, K, D) with positions added;
+        positions: (B, K) index of each token (for ALiBi). Returns (B, E + K, D) and the
+        blocks' FFN outputs, extra tokens included."""
+        if enc.num_extra:
+            x = torch.cat([enc.extra_tokens.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+            if padding_mask is not None:
+                padding_mask = nn.functional.pad(padding_mask, (enc.num_extra, 0), value=False)
         bias = attention_bias(padding_mask, enc.alibi(positions), x.dtype)
         x = self.dropout_input(enc.context(x, bias))
         return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
 
     @torch.no_grad()
-    def forward_teacher(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor]):
-        """feats: (B, T, D) local features -> targets (B, T, D) fp32, top-K FFN outputs."""
+    def forward_teacher(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], source: Optional[Tensor] = None):
+        """feats: (B, T, D) student local features -> targets (B, T, D) fp32 from the top-K
+        FFN outputs. A teacher with its own local encoder (v2 images) embeds ``source``."""
         enc = self.teacher.modality_encoders[modality]
-        K = self.cfg.average_top_k_layers
+        K, E = self.cfg.average_top_k_layers, enc.num_extra
+        if enc.ema_local_encoder:
+            feats, padding_mask = enc.local_features(source.float(), None)
         x = enc.add_positions(feats.detach().float(), padding_mask)
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         _, layer_outputs = self.encode(enc, x, padding_mask, positions, self.teacher.blocks, keep_last=K)
+        layer_outputs = [y[:, E:] for y in layer_outputs]
         norm_pad = padding_mask if self.cfg.padding_aware else None
         return build_targets(layer_outputs, K, self.cfg.target_layer_norm, self.cfg.target_final_norm, norm_pad), layer_outputs
 
-    def forward_student(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], mask: Tensor) -> Tensor:
-        """-> predictions at masked positions (N, D), row-major over (B * clone_batch, T)."""
+    def forward_student(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], mask: Tensor):
+        """-> predictions at masked positions (N, D), row-major over (B * clone_batch, T), and
+        the student's output at the last extra token (B * clone_batch, D) or None."""
         enc = self.modality_encoders[modality]
-        M = self.cfg.clone_batch
+        M, E = self.cfg.clone_batch, enc.num_extra
         x = feats.repeat_interleave(M, 0) if M > 1 else feats  # (BM, T, D)
         pad = padding_mask.repeat_interleave(M, 0) if padding_mask is not None and M > 1 else padding_mask
         if mask.shape != x.shape[:2]:
@@ -144,14 +158,15 @@ class Data2Vec(nn.Module):
             x = enc.add_positions(x, pad)
             positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
             h, _ = self.encode(enc, x, pad, positions, self.blocks)
-            return self.final_proj(h[mask])
+            return self.final_proj(h[:, E:][mask]), None
         keep_ids, keep_pad = kept_positions(mask)  # (BM, K)
         x = enc.add_positions(x, pad, zero_mask=mask)
         x = torch.gather(x, 1, keep_ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (BM, K, D)
         if pad is not None:
             keep_pad = keep_pad | torch.gather(pad, 1, keep_ids)
         h, _ = self.encode(enc, x, keep_pad if keep_pad.any() else None, keep_ids, self.blocks)
-        return enc.decoder(self.decoder_input(h, keep_ids, keep_pad, mask, enc))[mask]
+        cls_pred = h[:, E - 1] if E else None
+        return enc.decoder(self.decoder_input(h[:, E:], keep_ids, keep_pad, mask, enc))[mask], cls_pred
 
     def decoder_input(self, h: Tensor, keep_ids: Tensor, keep_pad: Tensor, mask: Tensor, enc) -> Tensor:
         """Encoder output at kept positions (BM, K, D) -> full sequence (BM, T, D) with
@@ -163,17 +178,26 @@ class Data2Vec(nn.Module):
         full.scatter_(1, slots.unsqueeze(-1).expand_as(h), h)
         return full[:, :T]
 
-    def forward_loss(self, pred: Tensor, targets: Tensor, mask: Tensor) -> Dict:
-        """pred: (N, D); targets: (B, T, D) -> regression at the N masked positions."""
+    def forward_loss(self, pred: Tensor, targets: Tensor, mask: Tensor, cls_pred: Optional[Tensor] = None,
+                     cls_weight: float = 0.0) -> Dict:
+        """pred: (N, D); targets: (B, T, D) -> regression at the N masked positions; with
+        ``cls_pred`` (BM, D) and a weight, the v2 image CLS loss against the mean target,
+        scaled by N so that it is ``cls_weight`` x the per-view sum after fairseq divides by N."""
         M = self.cfg.clone_batch
         y = (targets.repeat_interleave(M, 0) if M > 1 else targets)[mask]  # (N, D)
         loss = regression_loss(pred, y, self.cfg.loss, self.cfg.loss_beta, self.cfg.loss_scale)
+        losses = {"regression": loss.sum()}
+        sample_size = int(mask.sum())
+        if cls_pred is not None and cls_weight > 0:
+            cls_target = targets.mean(1).repeat_interleave(M, 0)  # (BM, D)
+            cls = regression_loss(cls_pred, cls_target, self.cfg.loss, self.cfg.loss_beta, self.cfg.loss_scale)
+            losses["cls"] = cls.sum() * cls_weight * sample_size
         target_var, pred_var = channel_std(y), channel_std(pred)
         if self.training:
             self.collapse.check(self.num_updates, float(target_var), float(pred_var))
         return {
-            "losses": {"regression": loss.sum()},
-            "sample_size": int(mask.sum()),
+            "losses": losses,
+            "sample_size": sample_size,
             "target_var": target_var,
             "pred_var": pred_var,
             "masked_pct": float(mask.float().mean()),
@@ -183,8 +207,9 @@ class Data2Vec(nn.Module):
     # -- feature extraction / fine-tuning ------------------------------------------------
     def extract_features(self, source: Tensor, padding_mask: Optional[Tensor] = None, modality: str = "audio",
                          layer: Optional[int] = None, masker: Optional[Callable] = None) -> Dict:
-        """Student features: x (B, T, D), padding_mask (B, T) | None, layer_results (per block
-        FFN output); ``layer`` stops after that block (0-based). ``masker(feats, padding_mask,
+        """Student features: x (B, T, D) without extra tokens, padding_mask (B, T) | None,
+        layer_results (per block FFN output, extra tokens included), extra (B, E, D) the
+        extra-token outputs (image CLS); ``layer`` stops after that block (0-based). ``masker(feats, padding_mask,
         encoder) -> feats`` corrupts the local features (fine-tuning masks), else none."""
         enc = self.modality_encoders[modality]
         feats, pad = enc.local_features(source, padding_mask)
@@ -194,7 +219,8 @@ class Data2Vec(nn.Module):
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         blocks = self.blocks if layer is None else self.blocks[: layer + 1]
         x, layer_results = self.encode(enc, x, pad, positions, blocks, keep_last=None)
-        return {"x": x, "padding_mask": pad, "layer_results": layer_results}
+        return {"x": x[:, enc.num_extra:], "padding_mask": pad, "layer_results": layer_results,
+                "extra": x[:, : enc.num_extra]}
 
     def remove_pretraining_modules(self, modality: Optional[str] = None) -> None:
         """Drop the teacher, decoders, regression head (and other modalities)."""

@@ -2,11 +2,14 @@
 
 The student encodes only the unmasked tokens; the decoder gets the full-length
 sequence back (encoder outputs at kept positions, small noise at masked ones) and
-predicts the teacher targets everywhere with ``layers`` x [grouped Conv1d ->
+predicts the teacher targets everywhere with ``layers`` x [grouped convolution ->
 LayerNorm(no affine) -> GELU] (residual between layers of equal width) and a
-projection back to the model dimension.
+projection back to the model dimension. Speech and text convolve over time (1-D);
+images over the patch grid (2-D, ``grid=(h, w)``).
 """
 from __future__ import annotations
+
+from typing import Optional, Tuple
 
 import torch.nn as nn
 from torch import Tensor
@@ -14,7 +17,7 @@ from torch import Tensor
 from .positional import conv_norm_gelu
 
 
-class ConvDecoder1d(nn.Module):
+class ConvDecoder(nn.Module):
     def __init__(
         self,
         embed_dim: int,
@@ -25,14 +28,17 @@ class ConvDecoder1d(nn.Module):
         residual: bool = True,
         projection_layers: int = 1,
         projection_ratio: float = 2.0,
+        grid: Optional[Tuple[int, int]] = None,
     ):
         super().__init__()
+        self.grid = grid
+        conv = nn.Conv1d if grid is None else nn.Conv2d
         for width in (embed_dim, dim):
             if width % groups != 0:
                 raise ValueError(f"decoder_groups={groups} does not divide the decoder input/width {width}")
         self.residual = residual
         self.layers = nn.ModuleList(
-            nn.Conv1d(embed_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups)
+            conv(embed_dim if i == 0 else dim, dim, kernel, padding=kernel // 2, groups=groups)
             for i in range(layers)
         )
         proj, width = [], dim
@@ -43,10 +49,20 @@ class ConvDecoder1d(nn.Module):
         proj.append(nn.Linear(width, embed_dim))
         self.proj = proj[0] if len(proj) == 1 else nn.Sequential(*proj)
 
+    @classmethod
+    def from_config(cls, cfg, modality: str, grid: Optional[Tuple[int, int]] = None) -> "ConvDecoder":
+        """The ``{modality}_decoder_*`` settings of a model config."""
+        get = lambda name: getattr(cfg, f"{modality}_decoder_{name}")  # noqa: E731
+        return cls(cfg.embed_dim, get("dim"), get("kernel"), get("layers"), get("groups"), get("residual"),
+                   get("projection_layers"), get("projection_ratio"), grid)
+
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, T, D) -> (B, T, D)."""
+        """x: (B, T, D) (T = h * w row-major for a grid) -> (B, T, D)."""
+        B, T, D = x.shape
         x = x.transpose(1, 2)  # (B, D, T)
+        if self.grid is not None:
+            x = x.reshape(B, D, *self.grid)  # (B, D, h, w)
         for conv in self.layers:
             y = conv_norm_gelu(conv, x)
             x = x + y if self.residual and x.shape[1] == y.shape[1] else y
-        return self.proj(x.transpose(1, 2))
+        return self.proj(x.flatten(2).transpose(1, 2))

@@ -19,6 +19,19 @@ import torch
 import torch.nn as nn
 
 
+def teacher_view(module: nn.Module, drop_modules: Iterable[str] = (), drop_params: Iterable[str] = ()) -> nn.Module:
+    """A shallow copy of ``module`` sharing its sub-modules and parameters, minus the
+    named ones: what a modality encoder hands to the teacher (which deep-copies it)."""
+    twin = copy.copy(module)
+    twin._modules = dict(module._modules)
+    twin._parameters = dict(module._parameters)
+    for name in drop_modules:
+        twin._modules[name] = None
+    for name in drop_params:
+        twin._parameters[name] = None
+    return twin
+
+
 def ema_decay_at(update: int, start: float, end: float, anneal_updates: int) -> float:
     """tau after ``update`` optimizer updates: linear start -> end over anneal_updates."""
     if update >= anneal_updates or start == end:

@@ -10,10 +10,18 @@ any process. Padding (positions >= a row's length) is never masked.
 * ``span_mask_1d`` (data2vec 1.0 / wav2vec 2.0): ``int(mask_prob * length /
   mask_length + u)`` span starts (u ~ U[0,1)), each masking ``mask_length`` frames;
   spans may overlap (p=0.65, length 10 masks about half of the frames).
+* ``block_mask_2d`` (data2vec 2.0 images): ``mask_length`` x ``mask_length`` blocks of
+  patches around random centres, trimmed/topped up to an exact count; with
+  ``inverse`` the blocks are what stays *visible* (``int(L * (1 - p))`` patches) and
+  everything else is masked.
+* ``beit_mask_2d`` (data2vec 1.0 images, BEiT): rectangles of at least ``min_patches``
+  patches with random area and aspect ratio in [0.3, 1/0.3] until ``int(L * p)``
+  patches are masked (topped up at random when no rectangle fits any more).
 * ``kept_positions``: where the unmasked tokens are, in increasing time order.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -62,6 +70,70 @@ def block_mask_1d(
     return mask
 
 
+def block_mask_2d(
+    rows: int,
+    grid: Tuple[int, int],
+    mask_prob: float,
+    mask_length: int,
+    mask_prob_adjust: float = 0.0,
+    inverse: bool = False,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """-> (rows, h * w) bool, row-major over the patch grid, with exactly
+    ``L - int(L * (1 - p))`` masked patches if ``inverse`` else ``int(L * p)``."""
+    h, w = grid
+    L = h * w
+    p = 1.0 - mask_prob if inverse else mask_prob  # fraction covered by blocks
+    n_centres = int(L * (p + mask_prob_adjust) / mask_length**2)
+    offsets = torch.arange(mask_length) - mask_length // 2
+    blocks = torch.zeros(rows, h, w, dtype=torch.bool)
+    for r in range(rows):
+        if n_centres > 0:
+            centres = torch.randint(0, L, (n_centres,), generator=generator)
+            ys = (centres[:, None] // w + offsets).clamp(0, h - 1)  # (n, len)
+            xs = (centres[:, None] % w + offsets).clamp(0, w - 1)
+            blocks[r, ys[:, :, None], xs[:, None, :]] = True
+        _fix_count(blocks[r].view(-1), int(L * p), generator)
+    blocks = blocks.view(rows, L)
+    return ~blocks if inverse else blocks
+
+
+def beit_mask_2d(
+    rows: int,
+    grid: Tuple[int, int],
+    mask_prob: float,
+    min_patches: int = 16,
+    generator: Optional[torch.Generator] = None,
+) -> Tensor:
+    """-> (rows, h * w) bool with exactly ``int(L * mask_prob)`` masked patches, mostly in
+    rectangles of >= ``min_patches`` patches, random aspect ratio in [0.3, 1/0.3]."""
+    h, w = grid
+    target = int(h * w * mask_prob)
+    min_patches = max(1, min(min_patches, target))
+    log_aspect = (math.log(0.3), math.log(1 / 0.3))
+    u = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=generator))  # noqa: E731
+    mask = torch.zeros(rows, h, w, dtype=torch.bool)
+    for r in range(rows):
+        count, failures = 0, 0
+        while count < target and failures < 10:
+            area = u(min_patches, target - count if target - count > min_patches else min_patches)
+            aspect = math.exp(u(*log_aspect))
+            bh, bw = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if not (0 < bh <= h and 0 < bw <= w):
+                failures += 1
+                continue
+            top = int(torch.randint(0, h - bh + 1, (), generator=generator))
+            left = int(torch.randint(0, w - bw + 1, (), generator=generator))
+            new = int((~mask[r, top : top + bh, left : left + bw]).sum())
+            if 0 < new <= target - count:
+                mask[r, top : top + bh, left : left + bw] = True
+                count, failures = count + new, 0
+            else:
+                failures += 1
+        _fix_count(mask[r].view(-1), target, generator)
+    return mask.view(rows, h * w)
+
+
 def span_mask_1d(
     lengths: Tensor,
     num_frames: int,
@@ -100,29 +172,41 @@ def kept_positions(mask: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 class MaskSettings:
-    """How one modality draws its masks: kind (block | span), prob, length, adjust,
-    and how many masked views (``clone_batch``) each sample gets."""
+    """How one modality draws its masks: kind, prob, length, adjust, and how many masked
+    views (``clone_batch``) each sample gets. Sequences (speech, text): ``block`` or
+    ``span``; patch grids (``grid=(h, w)``): ``block``, ``inverse_block`` or ``beit``
+    (``length`` = the smallest BEiT rectangle in patches)."""
 
-    KINDS = ("block", "span")
+    KINDS = ("block", "span", "inverse_block", "beit")
 
-    def __init__(self, kind: str, prob: float, length: int, adjust: float = 0.0, clone_batch: int = 1):
-        if kind not in self.KINDS:
-            raise ValueError(f"mask type {kind!r}: choose one of {self.KINDS}")
+    def __init__(self, kind: str, prob: float, length: int, adjust: float = 0.0, clone_batch: int = 1,
+                 grid: Optional[Tuple[int, int]] = None):
+        allowed = ("block", "inverse_block", "beit") if grid is not None else ("block", "span")
+        if kind not in allowed:
+            raise ValueError(f"mask type {kind!r}: choose one of {allowed}")
         if not 0.0 <= prob < 1.0:
             raise ValueError(f"mask_prob={prob} must be in [0, 1)")
         if length < 1 or clone_batch < 1:
             raise ValueError(f"mask_length={length} and clone_batch={clone_batch} must be >= 1")
         self.kind, self.prob, self.length, self.adjust, self.clone_batch = kind, prob, length, adjust, clone_batch
+        self.grid = grid
 
     @classmethod
-    def from_config(cls, cfg, modality: str) -> "MaskSettings":
+    def from_config(cls, cfg, modality: str, grid: Optional[Tuple[int, int]] = None) -> "MaskSettings":
         get = lambda name: getattr(cfg, f"{modality}_{name}")  # noqa: E731
-        return cls(get("mask_type"), get("mask_prob"), get("mask_length"), get("mask_prob_adjust"), cfg.clone_batch)
+        return cls(get("mask_type"), get("mask_prob"), get("mask_length"), get("mask_prob_adjust"), cfg.clone_batch, grid)
 
     def __call__(self, lengths: Tensor, num_frames: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """lengths: (B,) valid positions per sample -> (B * clone_batch, num_frames) bool;
         row b * clone_batch + c is view c of sample b."""
         lengths = lengths.repeat_interleave(self.clone_batch)
+        if self.grid is not None:
+            if num_frames != self.grid[0] * self.grid[1]:
+                raise ValueError(f"{num_frames} patches do not make the {self.grid} grid")
+            if self.kind == "beit":
+                return beit_mask_2d(len(lengths), self.grid, self.prob, self.length, generator)
+            return block_mask_2d(len(lengths), self.grid, self.prob, self.length, self.adjust,
+                                 self.kind == "inverse_block", generator)
         if self.kind == "block":
             return block_mask_1d(lengths, num_frames, self.prob, self.length, self.adjust, generator)
         return span_mask_1d(lengths, num_frames, self.prob, self.length, generator=generator)

@@ -5,12 +5,14 @@
 * A convolutional positional encoder: a stack of grouped 1-D convolutions whose
   output is *added* to its input (the "relative positional encoder" of wav2vec 2.0 /
   data2vec).
+* Fixed 2-D sin-cos positions for image patches (MAE; data2vec 2.0 images).
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -44,12 +46,39 @@ def alibi_bias_1d(positions: Tensor, slopes: Tensor, scale: Optional[Tensor] = N
     return -dist[:, None, :, :] * per_head[None, :, None, None]
 
 
-def conv_norm_gelu(conv: nn.Conv1d, x: Tensor) -> Tensor:
-    """x: (B, C, T) -> conv (an even kernel's extra last step dropped) -> LayerNorm over
-    channels without affine -> GELU, (B, C', T). The unit of the positional encoder
-    and of the data2vec 2.0 decoder."""
-    y = conv(x)[:, :, : x.shape[2]]
-    return F.gelu(F.layer_norm(y.transpose(1, 2), y.shape[1:2]).transpose(1, 2))
+def conv_norm_gelu(conv: nn.Module, x: Tensor) -> Tensor:
+    """x: (B, C, *S) with S one (time) or two (grid) sizes -> conv (output cropped to S:
+    an even kernel's extra step is dropped) -> LayerNorm over channels without affine
+    -> GELU, (B, C', *S). The unit of the positional encoder and of the 2.0 decoders."""
+    y = conv(x)[(..., *(slice(0, n) for n in x.shape[2:]))]
+    return F.gelu(F.layer_norm(y.movedim(1, -1), y.shape[1:2]).movedim(-1, 1))
+
+
+def sincos_2d(dim: int, height: int, width: int) -> Tensor:
+    """MAE's fixed 2-D sin-cos table, (height * width, dim), row-major over the grid:
+    the first half of the channels encodes the column, the second half the row, each
+    as [sin(p * w_k), cos(p * w_k)] with w_k = 10000^(-k / (dim / 4))."""
+    if dim % 4 != 0:
+        raise ValueError(f"embed_dim={dim} must be divisible by 4 for 2-D sin-cos positions")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4.0))  # (D/4,)
+
+    def encode(pos: Tensor) -> Tensor:
+        out = pos.reshape(-1, 1).double() * omega[None]  # (L, D/4)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
+def resize_grid(table: Tensor, old: Tuple[int, int], new: Tuple[int, int]) -> Tensor:
+    """(1, old_h * old_w, D) position table -> (1, new_h * new_w, D), bicubic on the grid
+    (fine-tuning at another resolution)."""
+    if tuple(old) == tuple(new):
+        return table
+    D = table.shape[-1]
+    grid = table.reshape(1, old[0], old[1], D).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=tuple(new), mode="bicubic", align_corners=False)
+    return grid.permute(0, 2, 3, 1).reshape(1, new[0] * new[1], D).to(table.dtype)
 
 
 class ConvPositionalEncoder(nn.Module):

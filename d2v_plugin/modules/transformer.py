@@ -150,3 +150,19 @@ def run_blocks(
         if i >= first_kept:
             ffn_outputs.append(t)
     return x, ffn_outputs
+
+
+class ContextEncoder(nn.Module):
+    """A modality's context stage: LayerNorm (post-LN models) -> dropout -> prenet blocks."""
+
+    def __init__(self, dim: int, norm_eps: float, dropout: float, blocks: nn.ModuleList, layer_norm_first: bool):
+        super().__init__()
+        self.norm = None if layer_norm_first else nn.LayerNorm(dim, eps=norm_eps)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = blocks
+
+    def forward(self, x: Tensor, bias: Optional[Tensor]) -> Tensor:
+        if self.norm is not None:
+            x = self.norm(x)
+        x, _ = run_blocks(self.blocks, self.dropout(x), bias, keep_last=0)
+        return x

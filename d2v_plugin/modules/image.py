@@ -1,0 +1,99 @@
+"""The image modality encoder (data2vec 1.0 §3.1 / data2vec 2.0 §3.2, "Computer vision").
+
+image (B, C, H, W) --patch embedding: Conv2d(patch, stride patch)--> (B, L, D) patches,
+row-major over the (H/p, W/p) grid = "local features" (+ fixed 2-D sin-cos positions).
+Per view: learned extra tokens (CLS) are prepended, then the context stage (LayerNorm,
+prenet blocks). data2vec 2.0 keeps only visible patches in the student (inverse block
+masks) and predicts the rest with a 2-D conv decoder; its teacher owns an EMA copy of
+the patch embedding. data2vec 1.0 replaces masked patches (BEiT rectangles) by a
+learned ``mask_emb``. The position table is resized when the input size changes.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .decoder import ConvDecoder
+from .ema import teacher_view
+from .masking import MaskSettings
+from .positional import resize_grid, sincos_2d
+from .transformer import ContextEncoder
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, in_chans: int, dim: int, patch: int):
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Conv2d(in_chans, dim, patch, stride=patch)
+        w = self.proj.weight.data
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))  # as a Linear over the flattened patch
+
+    def forward(self, images: Tensor) -> Tensor:
+        """(B, C, H, W) -> (B, L, D), L = (H / p) * (W / p) row-major."""
+        H, W = images.shape[-2:]
+        if H % self.patch or W % self.patch:
+            raise ValueError(f"image size {H}x{W} is not a multiple of the patch size {self.patch}")
+        return self.proj(images).flatten(2).transpose(1, 2)
+
+
+class ImageEncoder(nn.Module):
+    modality = "image"
+
+    def __init__(self, cfg, algorithm: str, make_block):
+        super().__init__()
+        D = cfg.embed_dim
+        if cfg.image_input_size % cfg.image_patch_size:
+            raise ValueError(f"image_input_size={cfg.image_input_size} is not a multiple of image_patch_size={cfg.image_patch_size}")
+        side = cfg.image_input_size // cfg.image_patch_size
+        self.grid = (side, side)
+        self.patch_embed = PatchEmbed(cfg.image_in_chans, D, cfg.image_patch_size)
+        # a frozen parameter (not a buffer) so checkpoints carry it and the teacher copies it
+        self.positions = nn.Parameter(sincos_2d(D, side, side)[None], requires_grad=False)  # (1, L, D)
+        E = cfg.image_num_extra_tokens
+        self.extra_tokens = nn.Parameter(torch.randn(1, E, D)) if E > 0 else None
+        prenet = nn.ModuleList(make_block(i, cfg.image_prenet_depth) for i in range(cfg.image_prenet_depth))
+        self.context = ContextEncoder(D, cfg.norm_eps, cfg.image_prenet_dropout, prenet, cfg.layer_norm_first)
+        self.masking = MaskSettings.from_config(cfg, "image", self.grid)
+        self.mask_emb = nn.Parameter(torch.zeros(D).normal_(0, 0.02)) if algorithm == "v1" else None
+        self.decoder = ConvDecoder.from_config(cfg, "image", self.grid) if algorithm == "v2" else None
+        self.ema_local_encoder = cfg.image_ema_local_encoder
+        self.cls_loss = cfg.image_cls_loss if algorithm == "v2" else 0.0
+        self.zero_padding = False
+
+    @property
+    def num_extra(self) -> int:
+        return 0 if self.extra_tokens is None else self.extra_tokens.shape[1]
+
+    # -- shared by student and teacher -------------------------------------------------
+    def local_features(self, source: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:
+        """source: (B, C, H, W) -> patches (B, L, D), no padding."""
+        return self.patch_embed(source), None
+
+    def frame_lengths(self, padding_mask: Optional[Tensor], batch: int, num_frames: int) -> Tensor:
+        return torch.full((batch,), num_frames, dtype=torch.long)
+
+    def add_positions(self, x: Tensor, padding_mask: Optional[Tensor] = None, zero_mask: Optional[Tensor] = None) -> Tensor:
+        """x: (B, L, D) -> x + fixed 2-D positions (resized if the grid differs)."""
+        L = x.shape[1]
+        table = self.positions
+        if L != table.shape[1]:
+            side = int(round(L**0.5))
+            if side * side != L:
+                raise ValueError(f"{L} patches are not a square grid")
+            table = resize_grid(table, self.grid, (side, side))
+        return x + table.to(x.dtype)
+
+    def alibi(self, positions: Tensor) -> None:
+        return None
+
+    def teacher_copy(self) -> "ImageEncoder":
+        """What the EMA teacher owns: positions, extra tokens, context and (data2vec 2.0)
+        its own patch embedding; never the decoder or the mask embedding."""
+        dropped = ("decoder",) if self.ema_local_encoder else ("decoder", "patch_embed")
+        return teacher_view(self, dropped, ("mask_emb",))
+
+    def remove_pretraining_modules(self) -> None:
+        self.decoder = None
