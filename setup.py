@@ -20,6 +20,8 @@ setup(
         "sentencepiece>=0.1.99",
         # edit distance for UER/WER: fairseq's own `--scoring wer` imports it
         "editdistance>=0.8",
+        # image decoding (JPEG/PNG/..., grayscale/CMYK/alpha -> RGB); augmentation is written with torch ops
+        "Pillow>=9",
     ],
     extras_require={"test": ["pytest>=7", "ruff>=0.5"]},
 )

@@ -1,11 +1,16 @@
 """Sample corpora built from Debian packages (no downloads at run time).
 
     python -m d2v_plugin.samples speech --out DIR --n N
+    python -m d2v_plugin.samples images --out DIR --n N --size S
 
 speech: WordNet's example sentences (package ``wordnet-base``) read by ``espeak-ng``
 with varied voices/accents, speeds and pitches, resampled to 16 kHz mono 16-bit wav.
 Writes DIR/wav/*.wav, DIR/transcripts.tsv (relative path, text) and DIR/speakers.tsv
 (relative path, voice, sentence id) so later steps can hold out voices and sentences.
+
+images: Fashion-MNIST (package ``dataset-fashion-mnist``) as PNG files in class folders,
+DIR/train/<class>/*.png (from the training set) and DIR/valid/<class>/*.png (from the
+test set), resized to S x S, N training images (class-balanced) and N // 5 for valid.
 """
 from __future__ import annotations
 
@@ -88,13 +93,56 @@ def build_speech(out: str, n: int, seed: int = 0, workers: int = 2) -> List[Tupl
     return [(rel, text, voice, sid) for rel, text, voice, _, _, sid in jobs]
 
 
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
+
+
+def read_idx(path: str) -> np.ndarray:
+    """An IDX file (gzip) of the MNIST family -> uint8 array."""
+    import gzip
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found; install the Debian package dataset-fashion-mnist")
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def build_images(out: str, n: int, size: int, seed: int = 0) -> dict:
+    from PIL import Image
+
+    counts = {}
+    for split, prefix, count in (("train", "train", n), ("valid", "t10k", max(10, n // 5))):
+        images = read_idx(os.path.join(FASHION_DIR, f"{prefix}-images-idx3-ubyte.gz"))
+        labels = read_idx(os.path.join(FASHION_DIR, f"{prefix}-labels-idx1-ubyte.gz"))
+        rng = np.random.default_rng([seed, len(split)])
+        per_class = max(1, count // len(FASHION_CLASSES))
+        picked = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(len(FASHION_CLASSES))])
+        for i in sorted(picked.tolist()):
+            folder = os.path.join(out, split, FASHION_CLASSES[labels[i]])
+            os.makedirs(folder, exist_ok=True)
+            img = Image.fromarray(images[i], mode="L")
+            if size != img.width:
+                img = img.resize((size, size), Image.BICUBIC)
+            img.save(os.path.join(folder, f"{prefix}_{i:05d}.png"))
+        counts[split] = len(picked)
+    return counts
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["speech"], help="which sample corpus to build")
+    ap.add_argument("kind", choices=["speech", "images"], help="which sample corpus to build")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--n", type=int, default=400, help="number of utterances")
+    ap.add_argument("--n", type=int, default=400, help="number of utterances / training images")
+    ap.add_argument("--size", type=int, default=32, help="images: side in pixels (Fashion-MNIST is 28)")
     ap.add_argument("--seed", type=int, default=0, help="seed of sentence/voice choice")
     a = ap.parse_args(argv)
+    if a.kind == "images":
+        counts = build_images(a.out, a.n, a.size, a.seed)
+        print(f"wrote {counts} Fashion-MNIST images ({a.size}x{a.size} PNG) to {a.out}/{{train,valid}}/<class>/", file=sys.stderr)
+        return
     rows = build_speech(a.out, a.n, a.seed)
     print(f"wrote {len(rows)} utterances to {a.out}/wav, transcripts in {a.out}/transcripts.tsv", file=sys.stderr)
 

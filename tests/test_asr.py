@@ -11,7 +11,8 @@ from omegaconf import OmegaConf
 
 from d2v_plugin.data.audio import AudioDataError, LabelledAudioDataset
 from d2v_plugin.data.letters import errors, letters_to_words, normalize_text, words_to_letters
-from d2v_plugin.models.d2v_ctc import D2vCtcConfig, D2vCtcModel, PretrainedCheckpointError
+from d2v_plugin.models.d2v_ctc import D2vCtcConfig, D2vCtcModel
+from d2v_plugin.models.pretrained import PretrainedCheckpointError
 from d2v_plugin.modules.ctc import ctc_best_path, finetune_mask
 from d2v_plugin.prep.asr_labels import LabelError, prepare
 from d2v_plugin.tasks.asr_finetuning import CTCGenerator, D2vAsrFinetuningConfig, D2vAsrFinetuningTask
@@ -185,16 +186,16 @@ def asr_task(asr_data, **kw):
 def test_ctc_model_starts_from_the_pretrained_student(pretrained, asr_data, algorithm):
     path, _ = pretrained(algorithm)
     task = asr_task(asr_data)
-    cfg = ctc_cfg(pretrained_path=str(path), freeze_finetune_updates=1)
+    cfg = ctc_cfg(pretrained_path=str(path), freeze_finetune_updates=1, layerdrop=0.0, activation_dropout=0.2)
     model = task.build_model(cfg)
     saved = torch.load(path, weights_only=True)["model"]
     enc = model.encoder
     assert enc.teacher is None and enc.final_proj is None and enc.modality_encoders["audio"].decoder is None
-    assert enc.cfg.algorithm == algorithm and enc.cfg.audio_feature_grad_mult == 0.0 and enc.cfg.layerdrop == 0.1
+    assert enc.cfg.algorithm == algorithm and enc.cfg.audio_feature_grad_mult == 0.0 and enc.cfg.activation_dropout == 0.2
     for k, v in enc.state_dict().items():
         assert torch.equal(v, saved[k]), k
     assert model.proj.out_features == len(task.target_dictionary)
-    assert cfg.pretrained_args["model"]["algorithm"] == algorithm and cfg.pretrained_args["normalize"] is True
+    assert cfg.pretrained_args["model"]["algorithm"] == algorithm and cfg.pretrained_args["task"]["normalize"] is True
 
     scratch = task.build_model(ctc_cfg(pretrained_path=str(path), random_init=True)).encoder.state_dict()
     assert scratch.keys() == enc.state_dict().keys()

@@ -102,11 +102,10 @@ class Data2Vec(nn.Module):
 
     # -- forward -----------------------------------------------------------------------
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, mask: Optional[Tensor] = None,
-                modality: str = "audio", **unused) -> Dict:
+                modality: Optional[str] = None, **unused) -> Dict:
         """source: modality input (audio (B, L), image (B, C, H, W)); mask: (B * clone_batch, T)
         bool, True = masked (drawn here if None). Returns losses, sample_size and diagnostics."""
-        if modality not in self.modality_encoders:
-            raise ValueError(f"modality {modality!r} is not in this model ({', '.join(self.modality_encoders)})")
+        modality = self.pick_modality(modality)
         enc = self.modality_encoders[modality]
         feats, pad = enc.local_features(source, padding_mask)  # (B, T, D), (B, T) | None
         B, T, _ = feats.shape
@@ -115,6 +114,14 @@ class Data2Vec(nn.Module):
         targets, _ = self.forward_teacher(modality, feats, pad, source)  # (B, T, D) fp32
         pred, cls_pred = self.forward_student(modality, feats, pad, mask)  # (N, D), (BM, D) | None
         return self.forward_loss(pred, targets, mask, cls_pred, enc.cls_loss)
+
+    def pick_modality(self, modality: Optional[str]) -> str:
+        """The named modality, or the only one the model has."""
+        if modality is None and len(self.modality_encoders) == 1:
+            return next(iter(self.modality_encoders))
+        if modality not in self.modality_encoders:
+            raise ValueError(f"modality {modality!r}: choose one of this model's encoders ({', '.join(self.modality_encoders)})")
+        return modality
 
     def encode(self, enc, x: Tensor, padding_mask: Optional[Tensor], positions: Tensor, blocks: nn.ModuleList,
                keep_last: Optional[int] = 0):
@@ -205,13 +212,13 @@ class Data2Vec(nn.Module):
         }
 
     # -- feature extraction / fine-tuning ------------------------------------------------
-    def extract_features(self, source: Tensor, padding_mask: Optional[Tensor] = None, modality: str = "audio",
+    def extract_features(self, source: Tensor, padding_mask: Optional[Tensor] = None, modality: Optional[str] = None,
                          layer: Optional[int] = None, masker: Optional[Callable] = None) -> Dict:
         """Student features: x (B, T, D) without extra tokens, padding_mask (B, T) | None,
         layer_results (per block FFN output, extra tokens included), extra (B, E, D) the
         extra-token outputs (image CLS); ``layer`` stops after that block (0-based). ``masker(feats, padding_mask,
         encoder) -> feats`` corrupts the local features (fine-tuning masks), else none."""
-        enc = self.modality_encoders[modality]
+        enc = self.modality_encoders[self.pick_modality(modality)]
         feats, pad = enc.local_features(source, padding_mask)
         if masker is not None:
             feats = masker(feats, pad, enc)

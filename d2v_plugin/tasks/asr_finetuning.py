@@ -13,7 +13,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.audio import AudioDataError, LabelledAudioDataset
-from ..models.d2v_ctc import store_pretrained_args
+from ..models.pretrained import store_pretrained_args
 from ..modules.ctc import ctc_best_path
 from ..modules.feature_extractor import conv_output_lengths, receptive_field
 from .base import unwrap
@@ -88,7 +88,7 @@ class D2vAsrFinetuningTask(FairseqTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        if cfg.get("pretrained_args") is None:  # keep it in the config fairseq saves with checkpoints
+        if getattr(cfg, "pretrained_args", None) is None:  # keep it in the config fairseq saves with checkpoints
             store_pretrained_args(cfg, unwrap(model).cfg.pretrained_args)
         normalize = getattr(model, "pretrained_normalize", self.cfg.normalize)
         if normalize != self.cfg.normalize:

@@ -1,0 +1,85 @@
+"""fairseq adapter: the ``d2v_classification`` criterion — cross-entropy with label
+smoothing and optional mixup / cutmix; logs top-1 (and top-5 with more than 5 classes)."""
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import FairseqDataclass
+
+
+@dataclass
+class D2vClassificationCriterionConfig(FairseqDataclass):
+    label_smoothing: float = field(default=0.1, metadata={"help": "label smoothing of the cross-entropy targets"})
+    mixup_alpha: float = field(default=0.0, metadata={"help": "mixup Beta(alpha, alpha); 0 disables (reference: 0.8)"})
+    cutmix_alpha: float = field(default=0.0, metadata={"help": "cutmix Beta(alpha, alpha); 0 disables (reference: 1.0)"})
+    mix_prob: float = field(default=1.0, metadata={"help": "probability of mixing a training batch"})
+
+
+def cutmix_box(h: int, w: int, lam: float):
+    """A box covering a (1 - lam) fraction of the image at a random centre, clipped;
+    -> (top, bottom, left, right) and the lam of the area actually kept."""
+    cut = float(np.sqrt(1.0 - lam))
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = int(torch.randint(0, h, ())), int(torch.randint(0, w, ()))
+    top, bottom = max(cy - ch // 2, 0), min(cy + ch // 2, h)
+    left, right = max(cx - cw // 2, 0), min(cx + cw // 2, w)
+    return top, bottom, left, right, 1.0 - (bottom - top) * (right - left) / (h * w)
+
+
+@register_criterion("d2v_classification", dataclass=D2vClassificationCriterionConfig)
+class D2vClassificationCriterion(FairseqCriterion):
+    def __init__(self, cfg: D2vClassificationCriterionConfig, task):
+        super().__init__(task)
+        self.cfg = cfg
+        self.num_classes = len(task.labels)
+
+    def mix(self, images, labels):
+        """-> mixed images (B, C, H, W), soft targets (B, classes) (mixup or cutmix with the flipped batch)."""
+        c = self.cfg
+        use_cutmix = c.cutmix_alpha > 0 and (c.mixup_alpha <= 0 or float(torch.rand(())) < 0.5)
+        alpha = c.cutmix_alpha if use_cutmix else c.mixup_alpha
+        lam = float(np.random.beta(alpha, alpha))
+        images = images.clone()
+        if use_cutmix:
+            top, bottom, left, right, lam = cutmix_box(images.shape[-2], images.shape[-1], lam)
+            images[..., top:bottom, left:right] = images.flip(0)[..., top:bottom, left:right]
+        else:
+            images = lam * images + (1.0 - lam) * images.flip(0)
+        one_hot = F.one_hot(labels, self.num_classes).float()
+        return images, lam * one_hot + (1.0 - lam) * one_hot.flip(0)
+
+    def forward(self, model, sample, reduce=True):
+        images, labels = sample["net_input"]["source"], sample["target"]
+        mixing = model.training and (self.cfg.mixup_alpha > 0 or self.cfg.cutmix_alpha > 0) and float(torch.rand(())) < self.cfg.mix_prob
+        target = labels
+        if mixing:
+            images, target = self.mix(images, labels)
+        logits = model(source=images)["logits"].float()
+        loss = F.cross_entropy(logits, target, label_smoothing=self.cfg.label_smoothing, reduction="sum")
+        B = len(labels)
+        log = {"loss": loss.item(), "ntokens": B, "nsentences": B, "sample_size": B}
+        if not mixing:
+            top = logits.topk(min(5, self.num_classes), dim=-1).indices  # (B, k)
+            hit = top == labels[:, None]
+            log.update(counted=B, correct1=int(hit[:, 0].sum()), correct5=int(hit.any(1).sum()) if self.num_classes > 5 else 0)
+        return loss, B, log
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        total = lambda k: sum(log.get(k, 0) for log in logging_outputs)  # noqa: E731
+        sample_size = total("sample_size")
+        metrics.log_scalar("loss", total("loss") / max(sample_size, 1), sample_size, round=4)
+        metrics.log_scalar("nsentences", total("nsentences"))
+        counted = total("counted")
+        if counted:
+            metrics.log_scalar("top1", 100.0 * total("correct1") / counted, counted, round=2)
+            if total("correct5"):
+                metrics.log_scalar("top5", 100.0 * total("correct5") / counted, counted, round=2)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True

@@ -1,0 +1,84 @@
+"""fairseq adapter: the ``d2v_image_classifier`` model — a pretrained d2v image encoder
++ mean-pool -> LayerNorm -> linear head (data2vec 2.0 §4.1, "Computer vision").
+
+``linear_probe`` freezes the encoder (eval mode, no gradients) and trains the head
+only. When ``input_size`` differs from pretraining the position table is resized.
+"""
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch
+import torch.nn as nn
+from fairseq.models import register_model
+from torch import Tensor
+
+from ..modules.data2vec import Data2Vec
+from ..modules.positional import resize_grid
+from .pretrained import FinetuneConfig, FinetuneModel
+
+
+@dataclass
+class D2vImageClassifierConfig(FinetuneConfig):
+    input_size: int = field(default=0, metadata={"help": "image side for fine-tuning; 0 = the pretraining size"})
+    linear_probe: bool = field(default=False, metadata={"help": "freeze the encoder and train the head only"})
+    head_init_scale: float = field(default=0.001, metadata={"help": "scale of the head's initial weights"})
+
+
+@register_model("d2v_image_classifier", dataclass=D2vImageClassifierConfig)
+class D2vImageClassifier(FinetuneModel):
+    MODALITY = "image"
+    OVERRIDES = {**FinetuneModel.OVERRIDES, "dropout": ("encoder_dropout", "post_mlp_dropout", "image_prenet_dropout")}
+
+    def __init__(self, cfg: D2vImageClassifierConfig, encoder: Data2Vec, num_classes: int):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        D = encoder.cfg.embed_dim
+        self.norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        self.head.weight.data.mul_(cfg.head_init_scale)
+        nn.init.zeros_(self.head.bias)
+        self.num_updates = 0
+        if cfg.linear_probe:
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+        if cfg.layer_decay < 1.0:
+            self.set_layer_decay(cfg.layer_decay)
+
+    @classmethod
+    def encoder_config(cls, pretrained_model, cfg):
+        enc = super().encoder_config(pretrained_model, cfg)
+        if cfg.input_size:
+            enc.image_input_size = cfg.input_size
+        return enc
+
+    @classmethod
+    def adapt_state(cls, state: Dict, encoder: Data2Vec) -> Dict:
+        key = "modality_encoders.image.positions"
+        enc = encoder.modality_encoders["image"]
+        if key in state and state[key].shape != enc.positions.shape:
+            old = int(round(state[key].shape[1] ** 0.5))
+            state = {**state, key: resize_grid(state[key], (old, old), enc.grid)}
+            state.pop("_ema", None)  # the teacher is dropped anyway; its table has the old size
+        return state
+
+    @classmethod
+    def build_model(cls, cfg: D2vImageClassifierConfig, task) -> "D2vImageClassifier":
+        encoder, _ = cls.build_encoder(cfg)
+        return cls(cfg, encoder, len(task.labels))
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.cfg.linear_probe:
+            self.encoder.eval()
+        return self
+
+    def forward(self, source: Tensor, **unused) -> Dict[str, Tensor]:
+        """source: (B, C, H, W) -> logits (B, classes)."""
+        if self.cfg.linear_probe:
+            with torch.no_grad():
+                x = self.encoder.extract_features(source, modality="image")["x"]
+        else:
+            x = self.encoder.extract_features(source, modality="image")["x"]  # (B, L, D) patches
+        return {"logits": self.head(self.norm(x.mean(1)))}

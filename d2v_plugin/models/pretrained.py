@@ -1,0 +1,147 @@
+"""Fine-tuning on top of a d2v_plugin pretraining checkpoint: what the CTC and image
+classification models share (loading, fresh-weights baseline, stored config, per-layer
+learning rates)."""
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Dict, Tuple
+
+from fairseq import checkpoint_utils
+from fairseq.dataclass import FairseqDataclass
+from fairseq.models import BaseFairseqModel
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ..modules.data2vec import Data2Vec
+from .config import D2vMultiConfig
+
+logger = logging.getLogger(__name__)
+
+
+class PretrainedCheckpointError(ValueError):
+    """A pretrained checkpoint that cannot be fine-tuned as asked."""
+
+
+@dataclass
+class FinetuneConfig(FairseqDataclass):
+    pretrained_path: str = field(
+        default="", metadata={"help": "d2v_plugin pretraining checkpoint (model d2v_multi, algorithm v1 or v2)"}
+    )
+    random_init: bool = field(
+        default=False,
+        metadata={"help": "build the pretrained architecture with fresh weights (the from-scratch baseline)"},
+    )
+    pretrained_args: Any = field(
+        default=None,
+        metadata={"help": "set at build time: the pretrained model config (and task settings), so a fine-tuned "
+                          "checkpoint reloads without pretrained_path"},
+    )
+    dropout: float = field(
+        default=0.0, metadata={"help": "dropout in the blocks and prenet (replaces encoder/post_mlp/prenet dropout)"}
+    )
+    attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention probabilities"})
+    activation_dropout: float = field(default=0.1, metadata={"help": "dropout inside the FFN"})
+    dropout_input: float = field(default=0.0, metadata={"help": "dropout on the input of the shared blocks"})
+    layerdrop: float = field(default=0.1, metadata={"help": "probability of skipping each block while training"})
+    drop_path: float = field(default=0.0, metadata={"help": "stochastic depth of the last block (linear from 0)"})
+    layer_decay: float = field(
+        default=1.0,
+        metadata={"help": "lr scale decay per block towards the input (< 1 needs optimizer composite with dynamic_groups)"},
+    )
+
+
+def read_pretrained(path: str, modality: str) -> Dict[str, Any]:
+    """-> {"model": config dict, "task": task settings, "state": weights} of a d2v_plugin
+    pretraining checkpoint with a ``modality`` encoder."""
+    try:
+        ckpt = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except FileNotFoundError as e:
+        raise PretrainedCheckpointError(f"model.pretrained_path={path!r}: file not found") from e
+    cfg = ckpt.get("cfg")
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg is not None and cfg.get("model") else {}
+    name = model_cfg.get("_name")
+    if name != "d2v_multi":
+        raise PretrainedCheckpointError(
+            f"{path}: model {name!r} is not a d2v_plugin pretraining checkpoint (d2v_multi); convert official "
+            "data2vec checkpoints first with `python -m d2v_plugin.convert`"
+        )
+    if modality not in str(model_cfg.get("modalities", "audio")):
+        raise PretrainedCheckpointError(f"{path}: the model has no {modality} encoder (modalities={model_cfg['modalities']!r})")
+    task = OmegaConf.to_container(cfg.task, resolve=True) if cfg.get("task") is not None else {}
+    return {"model": model_cfg, "task": task, "state": ckpt["model"]}
+
+
+def store_pretrained_args(cfg, args: Dict[str, Any]) -> None:
+    """Record the pretrained config in a model config (DictConfig or dataclass). fairseq
+    builds models from a merged copy of ``cfg.model``, so the task stores it again in the
+    node it was given: that one is saved with the checkpoint."""
+    if isinstance(cfg, DictConfig):
+        with open_dict(cfg):
+            cfg.pretrained_args = args
+    else:
+        cfg.pretrained_args = args
+
+
+class FinetuneModel(BaseFairseqModel):
+    """A pretrained ``Data2Vec`` encoder (``self.encoder``) plus a task head."""
+
+    MODALITY = "audio"
+    # fine-tuning setting -> the pretrained config fields it replaces
+    OVERRIDES = {
+        "attention_dropout": ("attention_dropout",),
+        "activation_dropout": ("activation_dropout",),
+        "dropout_input": ("dropout_input",),
+        "layerdrop": ("layerdrop",),
+        "drop_path": ("drop_path",),
+    }
+
+    @classmethod
+    def encoder_config(cls, pretrained_model: Dict[str, Any], cfg) -> D2vMultiConfig:
+        """The pretrained architecture with the fine-tuning settings of ``OVERRIDES``."""
+        known = {f.name for f in dataclasses.fields(D2vMultiConfig)}
+        enc = D2vMultiConfig(**{k: v for k, v in pretrained_model.items() if k in known})
+        for src, targets in cls.OVERRIDES.items():
+            for t in targets:
+                setattr(enc, t, getattr(cfg, src))
+        return enc
+
+    @classmethod
+    def build_encoder(cls, cfg) -> Tuple[Data2Vec, Dict[str, Any]]:
+        """-> the encoder (pretraining modules removed) and the stored pretrained args."""
+        loaded = None
+        if cfg.pretrained_args is None:  # first build: read the pretrained checkpoint
+            if not cfg.pretrained_path:
+                raise PretrainedCheckpointError(f"set model.pretrained_path to a d2v_plugin {cls.MODALITY} pretraining checkpoint")
+            loaded = read_pretrained(cfg.pretrained_path, cls.MODALITY)
+            store_pretrained_args(cfg, {"model": loaded["model"], "task": loaded["task"]})
+        args = cfg.pretrained_args
+        args = OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else args
+        encoder = Data2Vec(cls.encoder_config(args["model"], cfg))
+        if loaded is not None and not cfg.random_init:
+            encoder.load_state_dict(cls.adapt_state(loaded["state"], encoder), strict=True)
+            logger.info("loaded pretrained weights from %s", cfg.pretrained_path)
+        elif loaded is not None:
+            logger.info("random_init: the architecture of %s with fresh weights", cfg.pretrained_path)
+        encoder.remove_pretraining_modules(cls.MODALITY)
+        return encoder, args
+
+    @classmethod
+    def adapt_state(cls, state: Dict, encoder: Data2Vec) -> Dict:
+        """Hook: adjust pretrained weights to the fine-tuning architecture."""
+        return state
+
+    def set_layer_decay(self, decay: float) -> None:
+        """lr scale decay**(L - 1 - i) for block i (0-based, L blocks), decay**L for the
+        modality encoder, 1 for the head; read by fairseq's composite optimizer (dynamic_groups)."""
+        L = len(self.encoder.blocks)
+        groups = [(self.encoder.modality_encoders, decay**L)]
+        groups += [(block, decay ** (L - 1 - i)) for i, block in enumerate(self.encoder.blocks)]
+        for module, scale in groups:
+            for p in module.parameters():
+                p.optim_overrides = {"optimizer": {"lr_scale": scale}}
+
+    def set_num_updates(self, num_updates: int) -> None:
+        super().set_num_updates(num_updates)
+        self.num_updates = num_updates
+
+    def max_positions(self):
+        return None
