@@ -108,7 +108,7 @@ class ImageEncoderConfig(FairseqDataclass):
         default=0.07, metadata={"help": "extra block centres drawn before trimming to the exact count"}
     )
     image_ema_local_encoder: bool = field(
-        default=True, metadata={"help": "the teacher keeps its own EMA patch embedding (data2vec 2.0 images)"}
+        default=True, metadata={"help": "v2: the teacher keeps its own EMA patch embedding (data2vec 1.0 teachers share the student's)"}
     )
     image_cls_loss: float = field(
         default=0.01, metadata={"help": "weight of the v2 CLS loss: student CLS output vs mean target; 0 disables"}
