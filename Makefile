@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-0.1.0
 TORCH := torch==2.13.0
-SYS_PACKAGES := espeak-ng wordnet-base
+SYS_PACKAGES := espeak-ng wordnet-base dataset-fashion-mnist
 DATA := data
 .PHONY: demo test lint sysdeps venv bench clean
 
@@ -32,6 +32,7 @@ test: $(STAMP) sysdeps lint
 
 demo: $(STAMP) sysdeps
 	$(PY) examples/speech_demo.py --work $(DATA)/demo
+	$(PY) examples/image_demo.py --work $(DATA)/demo
 
 bench: $(STAMP) sysdeps
 	$(PY) bench/pretrain.py --out $(DATA)/bench/pretrain.json
