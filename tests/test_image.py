@@ -1,9 +1,11 @@
 """Images: masks, positions, augmentation, bad files, the encoder, and the fairseq binaries."""
+import glob
 import os
 import subprocess
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from d2v_plugin.data.image import ImageDataError, ImageDataset, center_crop, load_image, random_resized_crop
@@ -175,3 +177,27 @@ def test_pretrain_finetune_validate_with_fairseq_binaries(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     assert "valid on 'valid' subset" in out.stdout + out.stderr and "| top1 " in out.stdout + out.stderr
     assert "nsentences 32" in out.stdout + out.stderr  # every validation image scored
+
+
+IMAGE_CONFIGS = sorted(glob.glob(os.path.join(REPO, "config", "*", "image", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", IMAGE_CONFIGS, ids=lambda p: "/".join(p.split(os.sep)[-3:]))
+def test_image_yaml_composes(path):
+    from d2v_plugin.models.config import D2vMultiConfig
+    from d2v_plugin.models.d2v_image_classifier import D2vImageClassifierConfig
+    from d2v_plugin.models.d2v_multi import D2vMultiModel
+    from d2v_plugin.tasks.image import D2vImageTaskConfig
+
+    y = OmegaConf.load(path)
+    assert OmegaConf.is_missing(y.task, "data") and OmegaConf.is_missing(y.common, "user_dir")
+    values = {}
+    for dc, section in ((D2vMultiConfig if "pretrain" in path else D2vImageClassifierConfig, "model"), (D2vImageTaskConfig, "task")):
+        values[section] = OmegaConf.to_container(y[section])
+        values[section].pop("_name")
+        OmegaConf.merge(OmegaConf.structured(dc), values[section])  # unknown keys or wrong types raise
+    if "pretrain" in path:
+        cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D2vMultiConfig), values["model"]))
+        assert cfg.image_input_size == y.task.input_size
+        if "tiny" in path:
+            assert D2vMultiModel(cfg).algorithm == cfg.algorithm
