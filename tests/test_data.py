@@ -58,7 +58,7 @@ def manifest(tmp_path, rows, root=None):
 
 def test_dataset_errors_name_file_and_fix(tmp_path):
     write(tmp_path / "ok.wav", 20000)
-    with pytest.raises(AudioDataError, match=r"line 3: .*missing\.wav.*rebuild the manifest"):
+    with pytest.raises(AudioDataError, match=r"line 3: .*missing\.wav.*rebuild the list with d2v_plugin.prep.audio_manifest"):
         AudioPretrainDataset(manifest(tmp_path, [("ok.wav", 20000), ("missing.wav", 20000)]), min_sample_size=100)
     write(tmp_path / "rate.wav", 20000, rate=8000)
     ds = AudioPretrainDataset(manifest(tmp_path, [("rate.wav", 20000)]), min_sample_size=100)

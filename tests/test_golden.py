@@ -179,15 +179,7 @@ def test_image_eval_features_and_ema(path):
     close("features.x", feats["x"], ref["x"])
     for i, (ours, theirs) in enumerate(zip(feats["layer_results"], ref["layer_results"])):
         close(f"features layer {i}", ours, theirs)
-    model.train()
-    before = convert_state_dict({**r["state_dict"], "_ema": r["ema_test"]["ema_before"]}, r["family"])["_ema"]
-    after = convert_state_dict(r["state_dict"], r["family"])["_ema"]
-    model.teacher.load_state_dict(before)
-    model.teacher.step(model, r["ema_test"]["decay_used"])
-    state = model.teacher.state_dict()
-    assert set(state) == set(after)
-    for k, v in after.items():
-        close(f"_ema[{k}]", state[k], v, tol=0.0)
+    check_ema_step(r, model.train())
 
 
 def test_eval_features(fixture):
@@ -205,8 +197,10 @@ def test_eval_features(fixture):
 
 def test_ema_step(fixture):
     """One EMA step from the recorded teacher reproduces the saved ``_ema``."""
-    r = fixture
-    model = build(r)
+    check_ema_step(fixture, build(fixture))
+
+
+def check_ema_step(r, model):
     before = convert_state_dict({**r["state_dict"], "_ema": r["ema_test"]["ema_before"]}, r["family"])["_ema"]
     after = convert_state_dict(r["state_dict"], r["family"])["_ema"]
     model.teacher.load_state_dict(before)

@@ -201,3 +201,23 @@ def test_image_yaml_composes(path):
         assert cfg.image_input_size == y.task.input_size
         if "tiny" in path:
             assert D2vMultiModel(cfg).algorithm == cfg.algorithm
+
+
+def test_mixup_and_cutmix_mix_images_and_targets_alike():
+    import numpy as np
+
+    from d2v_plugin.criterions.classification import D2vClassificationCriterion, D2vClassificationCriterionConfig
+
+    class Task:
+        labels = ["a", "b", "c"]
+
+    x, y = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 1])  # row 0's partner is row 3 (label 1)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    mixed, soft = D2vClassificationCriterion(D2vClassificationCriterionConfig(mixup_alpha=0.8), Task()).mix(x, y)
+    assert torch.allclose(soft.sum(1), torch.ones(4))
+    lam = float(soft[0, 0])
+    assert 0 < lam < 1 and torch.allclose(mixed[0], lam * x[0] + (1 - lam) * x[3])
+    mixed, soft = D2vClassificationCriterion(D2vClassificationCriterionConfig(cutmix_alpha=1.0), Task()).mix(x, y)
+    from_partner = (mixed[0] != x[0]).any(0).float().mean()  # fraction of pixels pasted from row 3
+    assert float(soft[0, 1]) == pytest.approx(float(from_partner), abs=1e-6)

@@ -16,10 +16,10 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.nn.functional as F
-from fairseq.data import FairseqDataset
 
 from ..modules.feature_extractor import ConvLayerSpec, conv_output_lengths
 from ..modules.masking import MaskSettings, seeded_generator
+from .base import ListedFilesDataset
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def load_audio(path: str, expected_rate: int, where: str) -> np.ndarray:
     return wav
 
 
-class AudioPretrainDataset(FairseqDataset):
+class AudioPretrainDataset(ListedFilesDataset):
     def __init__(
         self,
         manifest: str,
@@ -84,13 +84,7 @@ class AudioPretrainDataset(FairseqDataset):
         self.manifest, self.sample_rate, self.normalize, self.pad = manifest, sample_rate, normalize, pad
         self.max_sample_size, self.min_sample_size, self.seed, self.shuffle = max_sample_size, min_sample_size, seed, shuffle
         root, entries = read_manifest(manifest)
-        missing = [(rel, n) for rel, _, n in entries if not os.path.isfile(os.path.join(root, rel))]
-        if missing:
-            shown = ", ".join(f"line {n}: {os.path.join(root, rel)}" for rel, n in missing[:5])
-            raise AudioDataError(
-                f"{manifest}: {len(missing)} file(s) listed do not exist ({shown}). "
-                "Fix the root directory on line 1 or rebuild the manifest with d2v_plugin.prep.audio_manifest."
-            )
+        self.check_exist(manifest, root, entries, AudioDataError, "audio_manifest")
         self.root = root
         self.files = [e[0] for e in entries]
         self.lines = [e[2] for e in entries]  # manifest line numbers, for error messages
@@ -118,12 +112,6 @@ class AudioPretrainDataset(FairseqDataset):
         """Let the collater (data workers) draw the model's masks."""
         self.conv_spec, self.masking = conv_spec, masking
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.files)
-
     def __getitem__(self, index: int) -> Dict:
         path = os.path.join(self.root, self.files[index])
         where = f"{self.manifest}, line {self.lines[index]}"
@@ -145,16 +133,6 @@ class AudioPretrainDataset(FairseqDataset):
 
     def num_tokens_vec(self, indices):
         return self.cropped_sizes[indices]
-
-    def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
-        """fairseq's batching, plus the final partial batch that fairseq 0.12.3 drops when it is
-        not a multiple of ``required_batch_size_multiple`` (it would lose utterances in evaluation)."""
-        batches = list(super().batch_by_size(indices, max_tokens, max_sentences, required_batch_size_multiple))
-        batched = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
-        rest = np.asarray(indices)[~np.isin(indices, batched)]
-        if len(rest):
-            batches.append(rest.astype(np.int64))
-        return batches
 
     def ordered_indices(self):
         if not self.shuffle:

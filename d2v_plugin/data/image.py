@@ -16,10 +16,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from fairseq.data import FairseqDataset
 from torch import Tensor
 
 from ..modules.masking import MaskSettings, seeded_generator
+from .base import ListedFilesDataset
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -105,7 +105,7 @@ def center_crop(img: Tensor, size: int, crop_fraction: float = 0.875) -> Tensor:
     return img[:, top : top + size, left : left + size]
 
 
-class ImageDataset(FairseqDataset):
+class ImageDataset(ListedFilesDataset):
     def __init__(self, list_path: str, size: int, train: bool, seed: int = 1, labels: Optional[Sequence[str]] = None,
                  min_crop_scale: float = 0.2, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD):
         """labels: the label dictionary (names, index = class id) for classification, or None."""
@@ -114,11 +114,7 @@ class ImageDataset(FairseqDataset):
         self.root, entries = read_image_list(list_path)
         if not entries:
             raise ImageDataError(f"{list_path}: lists no image")
-        missing = [(rel, n) for rel, _, n in entries if not os.path.isfile(os.path.join(self.root, rel))]
-        if missing:
-            shown = ", ".join(f"line {n}: {os.path.join(self.root, rel)}" for rel, n in missing[:5])
-            raise ImageDataError(f"{list_path}: {len(missing)} file(s) listed do not exist ({shown}). "
-                                 "Fix the root on line 1 or rebuild the lists with d2v_plugin.prep.image_folder.")
+        self.check_exist(list_path, self.root, entries, ImageDataError, "image_folder")
         self.files = [e[0] for e in entries]
         self.lines = [e[2] for e in entries]
         self.targets = None
@@ -139,12 +135,6 @@ class ImageDataset(FairseqDataset):
     def set_masking(self, masking: MaskSettings) -> None:
         """Let the collater (data workers) draw the model's masks."""
         self.masking = masking
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.files)
 
     def __getitem__(self, index: int) -> Dict:
         path = os.path.join(self.root, self.files[index])

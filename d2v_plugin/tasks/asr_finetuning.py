@@ -16,7 +16,7 @@ from ..data.audio import AudioDataError, LabelledAudioDataset
 from ..models.pretrained import store_pretrained_args
 from ..modules.ctc import ctc_best_path
 from ..modules.feature_extractor import conv_output_lengths, receptive_field
-from .base import unwrap
+from .base import NoDictionaryTask, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class CTCGenerator:
 
 
 @register_task("d2v_asr_finetuning", dataclass=D2vAsrFinetuningConfig)
-class D2vAsrFinetuningTask(FairseqTask):
+class D2vAsrFinetuningTask(NoDictionaryTask, FairseqTask):
     cfg: D2vAsrFinetuningConfig
 
     def __init__(self, cfg: D2vAsrFinetuningConfig, dictionary: Dictionary):
@@ -131,13 +131,6 @@ class D2vAsrFinetuningTask(FairseqTask):
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **unused):
         return CTCGenerator(self.target_dictionary)
-
-    def max_positions(self):
-        return None
-
-    @property
-    def source_dictionary(self):
-        return None
 
     @property
     def target_dictionary(self):

@@ -10,7 +10,7 @@ from omegaconf import II, MISSING
 
 from ..data.audio import AudioDataError, AudioPretrainDataset
 from ..modules.feature_extractor import receptive_field
-from .base import EMAStepMixin
+from .base import EMAStepMixin, NoDictionaryTask
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ class D2vAudioPretrainingConfig(FairseqDataclass):
 
 
 @register_task("d2v_audio_pretraining", dataclass=D2vAudioPretrainingConfig)
-class D2vAudioPretrainingTask(EMAStepMixin, FairseqTask):
+class D2vAudioPretrainingTask(EMAStepMixin, NoDictionaryTask, FairseqTask):
     """Reads wav2vec manifests; the collater crops and draws the model's masks in the
     data workers once the model is built."""
 
@@ -77,14 +77,3 @@ class D2vAudioPretrainingTask(EMAStepMixin, FairseqTask):
             for ds in self.datasets.values():
                 ds.set_masking(*self.masking)
         return model
-
-    def max_positions(self):
-        return None
-
-    @property
-    def source_dictionary(self):
-        return None
-
-    @property
-    def target_dictionary(self):
-        return None

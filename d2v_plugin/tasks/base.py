@@ -21,3 +21,18 @@ class EMAStepMixin:
         inner = unwrap(model)
         if hasattr(inner, "ema_step"):
             inner.ema_step(update_num + 1)
+
+
+class NoDictionaryTask:
+    """Tasks whose inputs are not token ids: no dictionaries, no length limit."""
+
+    def max_positions(self):
+        return None
+
+    @property
+    def source_dictionary(self):
+        return None
+
+    @property
+    def target_dictionary(self):
+        return None

@@ -16,7 +16,7 @@ from omegaconf import II, MISSING
 
 from ..data.image import ImageDataError, ImageDataset
 from ..models.pretrained import store_pretrained_args
-from .base import EMAStepMixin, unwrap
+from .base import EMAStepMixin, NoDictionaryTask, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ def image_encoder(model):
     return (inner.modality_encoders if hasattr(inner, "modality_encoders") else inner.encoder.modality_encoders)["image"]
 
 
-class ImageTask(FairseqTask):
+class ImageTask(NoDictionaryTask, FairseqTask):
     labels: List[str] = None
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
@@ -59,16 +59,6 @@ class ImageTask(FairseqTask):
             raise ImageDataError(f"task.input_size={self.cfg.input_size} but the model takes {side}x{side} images; "
                                  f"set task.input_size={side} (or the model's image size)")
 
-    def max_positions(self):
-        return None
-
-    @property
-    def source_dictionary(self):
-        return None
-
-    @property
-    def target_dictionary(self):
-        return None
 
 
 @register_task("d2v_image_pretraining", dataclass=D2vImageTaskConfig)

@@ -1,0 +1,41 @@
+"""What the plugin's datasets share: files listed under a root, epochs, and batching
+that never drops the last partial batch."""
+from __future__ import annotations
+
+import os
+from typing import Sequence, Tuple
+
+import numpy as np
+from fairseq.data import FairseqDataset
+
+
+class ListedFilesDataset(FairseqDataset):
+    """``self.files`` (paths relative to ``self.root``) with ``self.epoch``."""
+
+    files: Sequence[str] = ()
+    epoch: int = 1
+
+    @staticmethod
+    def check_exist(list_path: str, root: str, entries: Sequence[Tuple], error: type, tool: str) -> None:
+        """entries: (relative path, ..., line number); raise ``error`` listing missing files."""
+        missing = [(e[0], e[-1]) for e in entries if not os.path.isfile(os.path.join(root, e[0]))]
+        if missing:
+            shown = ", ".join(f"line {n}: {os.path.join(root, rel)}" for rel, n in missing[:5])
+            raise error(f"{list_path}: {len(missing)} file(s) listed do not exist ({shown}). "
+                        f"Fix the root directory on line 1 or rebuild the list with d2v_plugin.prep.{tool}.")
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
+        """fairseq's batching, plus the final partial batch that fairseq 0.12.3 drops when it is
+        not a multiple of ``required_batch_size_multiple`` (it would lose samples in evaluation)."""
+        batches = list(super().batch_by_size(indices, max_tokens, max_sentences, required_batch_size_multiple))
+        batched = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+        rest = np.asarray(indices)[~np.isin(indices, batched)]
+        if len(rest):
+            batches.append(rest.astype(np.int64))
+        return batches
