@@ -1,6 +1,6 @@
 """Map official fairseq data2vec weights and configs onto ``d2v_multi``.
 
-Families: ``data2vec2`` (``data2vec_multi``, speech or images) and ``data2vec1_audio``
+Families: ``data2vec2`` (``data2vec_multi``, speech, images or text) and ``data2vec1_audio``
 (``data2vec_audio``). The converted config sets ``padding_aware=false`` so a converted
 model computes exactly what the official code computes.
 """
@@ -15,6 +15,7 @@ Rules = List[Tuple[str, str]]
 
 _AUDIO = "modality_encoders.audio."
 _IMAGE = "modality_encoders.image."
+_TEXT = "modality_encoders.text."
 
 
 def _conv_extractor_rules(official_prefix: str) -> Rules:
@@ -38,6 +39,10 @@ V2_AUDIO_RULES: Rules = _conv_extractor_rules("modality_encoders.AUDIO.local_enc
     (r"^modality_encoders\.IMAGE\.context_encoder\.", _IMAGE + "context."),
     (r"^modality_encoders\.IMAGE\.decoder\.blocks\.(\d+)\.0\.", _IMAGE + r"decoder.layers.\1."),
     (r"^modality_encoders\.IMAGE\.decoder\.proj\.", _IMAGE + "decoder.proj."),
+    (r"^modality_encoders\.TEXT\.local_encoder\.", _TEXT),
+    (r"^modality_encoders\.TEXT\.context_encoder\.", _TEXT + "context."),
+    (r"^modality_encoders\.TEXT\.decoder\.blocks\.(\d+)\.0\.", _TEXT + r"decoder.layers.\1."),
+    (r"^modality_encoders\.TEXT\.decoder\.proj\.", _TEXT + "decoder.proj."),
     (r"^blocks\.", "blocks."),
 ]
 
@@ -88,7 +93,9 @@ def _convert(sd: Dict[str, torch.Tensor], rules: Rules, prefix: str = "") -> Dic
 def convert_state_dict(sd: Dict, family: str) -> Dict:
     """Official ``model`` state dict (with its ``_ema`` teacher) -> d2v_multi state dict."""
     if family == "data2vec2":
-        rules, ema_prefix = V2_AUDIO_RULES, ""
+        # ema_encoder_only (text): the teacher dict holds the blocks without their prefix
+        text_teacher = sd.get("_ema") is not None and any(re.match(r"^\d+\.", k) for k in sd["_ema"])
+        rules, ema_prefix = V2_AUDIO_RULES, "blocks." if text_teacher else ""
     elif family == "data2vec1_audio":
         rules, ema_prefix = V1_AUDIO_RULES, "encoder."  # v1 teacher keys are relative to the encoder
     else:
@@ -116,13 +123,17 @@ def _loss(c: Dict) -> Dict:
     return {"loss": "l2" if beta == 0 else "smooth_l1", "loss_beta": beta or 1.0, "loss_scale": c.get("loss_scale")}
 
 
-def convert_config(c: Dict, family: str) -> Dict:
-    """Official resolved model config (a plain dict) -> ``D2vMultiConfig`` fields."""
+def convert_config(c: Dict, family: str, vocab_size: int = 0) -> Dict:
+    """Official resolved model config (a plain dict) -> ``D2vMultiConfig`` fields;
+    text models take the dictionary size (it is not in the model config)."""
     if family == "data2vec2":
         modality = str(c.get("supported_modality") or "AUDIO").lower()
-        if modality not in ("audio", "image"):
-            raise ValueError(f"data2vec 2.0 {modality} checkpoints are not supported yet (audio, image)")
-        return _v2_audio_config(c) if modality == "audio" else _v2_image_config(c)
+        build = {"audio": _v2_audio_config, "image": _v2_image_config}.get(modality)
+        if modality == "text":
+            return _v2_text_config(c, vocab_size)
+        if build is None:
+            raise ValueError(f"data2vec 2.0 {modality} checkpoints are not supported (audio, image, text)")
+        return build(c)
     if family == "data2vec1_audio":
         return _v1_audio_config(c)
     raise ValueError(f"unsupported config family {family!r}")
@@ -131,8 +142,6 @@ def convert_config(c: Dict, family: str) -> Dict:
 def _v2_shared(c: Dict, m: Dict) -> Dict:
     """Settings every data2vec 2.0 modality shares; m: the modality's config."""
     layer, final = _target_norms(c)
-    if c.get("ema_encoder_only"):
-        raise ValueError("checkpoints with ema_encoder_only (text) are not supported yet")
     return dict(
         algorithm="v2", depth=c["depth"], embed_dim=c["embed_dim"], num_heads=c["num_heads"],
         mlp_ratio=c["mlp_ratio"], norm_eps=c["norm_eps"], layer_norm_first=c["layer_norm_first"],
@@ -156,7 +165,7 @@ def _decoder(prefix: str, dec: Dict) -> Dict:
 
 def _v2_audio_config(c: Dict) -> Dict:
     a = c["modalities"]["audio"]
-    if a.get("ema_local_encoder") or a.get("learned_alibi_scale_per_layer"):
+    if c.get("ema_encoder_only") or a.get("ema_local_encoder") or a.get("learned_alibi_scale_per_layer"):
         raise ValueError("speech checkpoints with ema_local_encoder / per-layer ALiBi scales are not supported")
     return dict(
         _v2_shared(c, a), modalities="audio",
@@ -172,7 +181,8 @@ def _v2_audio_config(c: Dict) -> Dict:
 
 def _v2_image_config(c: Dict) -> Dict:
     i = c["modalities"]["image"]
-    if i.get("use_alibi_encoder") or not i.get("fixed_positions", True) or i.get("embed_dim", c["embed_dim"]) != c["embed_dim"]:
+    separate_width = i.get("embed_dim", c["embed_dim"]) != c["embed_dim"]
+    if c.get("ema_encoder_only") or i.get("use_alibi_encoder") or not i.get("fixed_positions", True) or separate_width:
         raise ValueError("image checkpoints with ALiBi, learned positions or a separate patch width are not supported")
     return dict(
         _v2_shared(c, i), modalities="image",
@@ -182,6 +192,20 @@ def _v2_image_config(c: Dict) -> Dict:
         image_mask_prob=i["mask_prob"], image_mask_length=i["mask_length"], image_mask_prob_adjust=i["mask_prob_adjust"],
         image_ema_local_encoder=i["ema_local_encoder"], image_cls_loss=c.get("cls_loss", 0.0),
         **_decoder("image", i["decoder"]),
+    )
+
+
+def _v2_text_config(c: Dict, vocab_size: int) -> Dict:
+    t = c["modalities"]["text"]
+    if not t.get("learned_pos", True) or not t.get("no_scale_embedding", True) or not t.get("layernorm_embedding", True):
+        raise ValueError("text checkpoints without learned positions / with embedding scaling are not supported")
+    if vocab_size <= 0:
+        raise ValueError("converting a text model needs the dictionary size (vocab_size)")
+    return dict(
+        _v2_shared(c, t), modalities="text", text_vocab_size=vocab_size, text_max_positions=t["max_source_positions"],
+        text_dropout=t["dropout"], text_prenet_depth=t["prenet_depth"], text_prenet_dropout=t["prenet_dropout"],
+        text_mask_type="random", text_mask_prob=t["mask_prob"], text_mask_length=1,
+        text_ema_encoder_only=c["ema_encoder_only"], **_decoder("text", t["decoder"]),
     )
 
 

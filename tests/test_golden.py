@@ -1,7 +1,7 @@
 """Parity with the official fairseq data2vec code, on its own recorded outputs.
 
 Every speech fixture (``family`` data2vec2 with an AUDIO encoder, or data2vec1_audio)
-and every image fixture (data2vec2 with an IMAGE encoder) in ``D2V_GOLDEN_DIR``
+and every image and text fixture of data2vec 2.0 in ``D2V_GOLDEN_DIR``
 (default tests/golden/) is loaded: the official weights are
 mapped onto d2v_multi, the forward is rerun with the stored mask, and every stage is
 compared within 1e-5. The fixtures' README describes each tensor.
@@ -33,14 +33,21 @@ def _is_image(path: Path) -> bool:
     return r.get("family") == "data2vec2" and any(k.startswith("modality_encoders.IMAGE.") for k in r["state_dict"])
 
 
+def _is_text_v2(path: Path) -> bool:
+    r = torch.load(path, weights_only=True)
+    return r.get("family") == "data2vec2" and any(k.startswith("modality_encoders.TEXT.") for k in r["state_dict"])
+
+
 MODEL_FILES = sorted(p for p in GOLDEN_DIR.glob("*.pt") if p.name != "components.pt")
 AUDIO_FIXTURES = [p for p in MODEL_FILES if _is_audio(p)]
 IMAGE_FIXTURES = [p for p in MODEL_FILES if _is_image(p)]
+TEXT_FIXTURES = [p for p in MODEL_FILES if _is_text_v2(p)]
 
 
 def test_fixtures_present():
     assert AUDIO_FIXTURES, f"no speech golden fixture found in {GOLDEN_DIR} (set D2V_GOLDEN_DIR)"
     assert IMAGE_FIXTURES, f"no image golden fixture found in {GOLDEN_DIR} (set D2V_GOLDEN_DIR)"
+    assert TEXT_FIXTURES, f"no data2vec 2.0 text golden fixture found in {GOLDEN_DIR} (set D2V_GOLDEN_DIR)"
 
 
 def close(name, ours, ref, tol=TOL):
@@ -51,7 +58,8 @@ def close(name, ours, ref, tol=TOL):
 
 
 def build(r):
-    model = D2vMultiModel(D2vMultiConfig(**convert_config(r["config"], r["family"])))
+    vocab = len(r["extra"].get("dictionary_symbols", []))
+    model = D2vMultiModel(D2vMultiConfig(**convert_config(r["config"], r["family"], vocab)))
     model.load_state_dict(convert_state_dict(r["state_dict"], r["family"]))
     model.train()
     return model
@@ -178,6 +186,42 @@ def test_image_eval_features_and_ema(path):
     ref = r["outputs"]["features"]
     close("features.x", feats["x"], ref["x"])
     for i, (ours, theirs) in enumerate(zip(feats["layer_results"], ref["layer_results"])):
+        close(f"features layer {i}", ours, theirs)
+    check_ema_step(r, model.train())
+
+
+@pytest.mark.parametrize("path", TEXT_FIXTURES, ids=lambda p: p.name)
+def test_text_v2(path):
+    """Training forward (teacher = EMA blocks on the student's embeddings), eval features, EMA step."""
+    r = torch.load(path, weights_only=True)
+    out, src, pad, mask = r["outputs"], r["inputs"]["source"], r["inputs"]["padding_mask"], r["mask"]
+    model = build(r)
+    seen = {}
+    model.blocks[0].register_forward_pre_hook(lambda m, i: seen.setdefault("in", []).append(i[0]))
+    model.teacher.blocks[0].register_forward_pre_hook(lambda m, i: seen.__setitem__("teacher_in", i[0]))
+    model.blocks[-1].register_forward_hook(lambda m, i, o: seen.__setitem__("out", o[0]))
+    feats, token_pad = model.modality_encoders["text"].local_features(src, pad)
+    close("local_features", feats, out["local_features"])
+    targets, layers = model.forward_teacher("text", feats, token_pad, src)
+    close("teacher_in", seen["teacher_in"], out["teacher_in"])
+    for i, (ours, ref) in enumerate(zip(layers, out["teacher_layer_results"][-len(layers):])):
+        close(f"teacher layer {i}", ours, ref)
+    close("targets", targets, out["targets"])
+    pred, _ = model.forward_student("text", feats, token_pad, mask)
+    ids = r["mask_info"]["ids_keep"]
+    close("student_encoder_in", seen["in"][0], by_position(out["student_encoder_in"], ids))
+    close("student_encoder_out", seen["out"], by_position(out["student_encoder_out"], ids))
+    close("pred_masked", pred, out["pred_masked"])
+    result = model.forward_loss(pred, targets, mask)
+    ref_loss = out["result"]["losses"]["TEXT_regression"]
+    close("loss", result["losses"]["regression"], ref_loss.sum(), tol=TOL * max(1.0, float(ref_loss.sum().abs())))
+    assert result["sample_size"] == int(out["result"]["sample_size"])
+    close("target_var", result["target_var"], torch.as_tensor(out["result"]["target_var"]))
+    close("pred_var", result["pred_var"], torch.as_tensor(out["result"]["pred_var"]))
+    with torch.no_grad():
+        feats = model.eval().extract_features(src, pad)
+    close("features.x", feats["x"], out["features"]["x"])
+    for i, (ours, theirs) in enumerate(zip(feats["layer_results"], out["features"]["layer_results"])):
         close(f"features layer {i}", ours, theirs)
     check_ema_step(r, model.train())
 

@@ -260,3 +260,33 @@ def test_extract_features_and_remove_pretraining_modules():
     model.remove_pretraining_modules()
     assert model.teacher is None and "_ema" not in model.state_dict()
     assert torch.allclose(model.extract_features(src, pad)["x"], out["x"])
+
+
+def test_random_text_mask_is_exact_and_spares_padding_and_ends():
+    from d2v_plugin.modules.masking import random_mask_1d
+
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([20, 12, 3])
+    m = random_mask_1d(lengths, 20, 0.5, g)
+    assert m.sum(1).tolist() == [9, 5, 0]  # int((n - 2) * 0.5): <s> and </s> never masked
+    for b, n in enumerate(lengths.tolist()):
+        assert not m[b, n - 1:].any() and not m[b, 0]
+
+
+def test_text_positions_follow_fairseq_convention():
+    from d2v_plugin.models.d2v_multi import D2vMultiModel
+
+    model = D2vMultiModel(tiny_cfg(modalities="text", text_vocab_size=10, text_max_positions=8, text_dropout=0.0,
+                                   text_decoder_dim=16, text_decoder_layers=1, text_mask_type="random", text_mask_prob=0.5,
+                                   text_mask_length=1, audio_decoder_groups=4))
+    enc = model.modality_encoders["text"]
+    tokens = torch.tensor([[0, 5, 6, 2], [0, 7, 2, 1]])  # second row padded (pad = 1)
+    feats, pad = enc.local_features(tokens)
+    assert pad.tolist() == [[False] * 4, [False, False, False, True]]
+    emb = enc.embed_tokens(tokens[1, 2]) + enc.embed_positions(torch.tensor(1 + 1 + 2))  # pad + 1 + index
+    assert torch.allclose(feats[1, 2], enc.layernorm_embedding(emb))
+    with pytest.raises(ValueError, match="exceed text_max_positions=8"):
+        enc.local_features(torch.zeros(1, 9, dtype=torch.long))
+    assert list(model.teacher.state_dict()) == [k for k in model.teacher.state_dict() if k.startswith("blocks.")]
+    out = model(tokens)
+    assert out["sample_size"] == 1 * 2 + 0 * 2  # int((4-2)*0.5) + int((3-2)*0.5), per view (clone_batch 2)

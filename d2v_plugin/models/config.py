@@ -19,6 +19,7 @@ TARGET_FINAL_NORM = ChoiceEnum(["none", "instance", "layer"])
 LOSS = ChoiceEnum(["l2", "smooth_l1"])
 MASK_TYPE = ChoiceEnum(["block", "span"])
 IMAGE_MASK_TYPE = ChoiceEnum(["inverse_block", "block", "beit"])
+TEXT_MASK_TYPE = ChoiceEnum(["random", "span"])
 EXTRACTOR_MODE = ChoiceEnum(["layer_norm", "group_norm"])
 
 
@@ -129,14 +130,44 @@ class ImageEncoderConfig(FairseqDataclass):
 
 
 @dataclass
-class D2vMultiConfig(ImageEncoderConfig, AudioEncoderConfig):
+class TextEncoderConfig(FairseqDataclass):
+    text_vocab_size: int = field(default=0, metadata={"help": "dictionary size; set by the text tasks from dict.txt"})
+    text_pad_index: int = field(default=1, metadata={"help": "padding token id (fairseq dictionaries: 1)"})
+    text_max_positions: int = field(default=512, metadata={"help": "longest token sequence (learned positions)"})
+    text_dropout: float = field(default=0.1, metadata={"help": "dropout after the embedding LayerNorm"})
+    text_prenet_depth: int = field(default=0, metadata={"help": "text-only Transformer blocks before the shared blocks"})
+    text_prenet_dropout: float = field(default=0.0, metadata={"help": "dropout before the prenet blocks"})
+    text_mask_type: TEXT_MASK_TYPE = field(
+        default="random", metadata={"help": "random: exactly int(n * p) real tokens per sentence (v2); span (v1 variant)"}
+    )
+    text_mask_prob: float = field(default=0.48, metadata={"help": "fraction of tokens masked (v2 base 0.48, large 0.5)"})
+    text_mask_length: int = field(default=1, metadata={"help": "span length (random masking: 1)"})
+    text_mask_prob_adjust: float = field(default=0.0, metadata={"help": "unused by random masking"})
+    text_ema_encoder_only: bool = field(
+        default=True, metadata={"help": "v2: the teacher is an EMA of the shared blocks only, fed the student's embeddings"}
+    )
+    text_decoder_dim: int = field(default=768, metadata={"help": "v2 decoder width"})
+    text_decoder_kernel: int = field(default=9, metadata={"help": "v2 decoder conv kernel (tokens)"})
+    text_decoder_layers: int = field(default=5, metadata={"help": "v2 decoder conv layers"})
+    text_decoder_groups: int = field(default=1, metadata={"help": "v2 decoder conv groups"})
+    text_decoder_residual: bool = field(default=False, metadata={"help": "residual connections in the decoder (text: no)"})
+    text_decoder_projection_layers: int = field(
+        default=2, metadata={"help": "linear layers projecting the decoder output back to embed_dim (text: 2)"}
+    )
+    text_decoder_projection_ratio: float = field(
+        default=2.0, metadata={"help": "width multiplier of the first projection layer"}
+    )
+
+
+@dataclass
+class D2vMultiConfig(TextEncoderConfig, ImageEncoderConfig, AudioEncoderConfig):
     algorithm: ALGORITHM = field(
         default="v2",
         metadata={"help": "v1: data2vec 1.0 (student sees the whole masked input, mask embeddings, linear "
                           "head); v2: data2vec 2.0 (student skips masked tokens, conv decoder, multi-mask)"},
     )
     modalities: str = field(
-        default="audio", metadata={"help": "comma-separated modality encoders to build (audio, image)"}
+        default="audio", metadata={"help": "comma-separated modality encoders to build (audio, image, text)"}
     )
     depth: int = field(default=12, metadata={"help": "shared Transformer blocks (Base 12, Large 24)"})
     embed_dim: int = field(default=768, metadata={"help": "model dimension D (Base 768, Large 1024)"})

@@ -24,10 +24,11 @@ from .image import ImageEncoder
 from .loss import CollapseMonitor, channel_std, regression_loss
 from .masking import kept_positions
 from .targets import build_targets
+from .text import TextEncoder
 from .transformer import Block, attention_bias, run_blocks
 
 EMA_KEY = "_ema"
-ENCODERS = {"audio": AudioEncoder, "image": ImageEncoder}  # modality name -> encoder class
+ENCODERS = {"audio": AudioEncoder, "image": ImageEncoder, "text": TextEncoder}  # modality name -> encoder class
 logger = logging.getLogger(__name__)
 
 
@@ -133,14 +134,21 @@ class Data2Vec(nn.Module):
             if padding_mask is not None:
                 padding_mask = nn.functional.pad(padding_mask, (enc.num_extra, 0), value=False)
         bias = attention_bias(padding_mask, enc.alibi(positions), x.dtype)
-        x = self.dropout_input(enc.context(x, bias))
+        x = enc.context(x, bias)
+        if blocks is not self.teacher_blocks():
+            x = self.dropout_input(x)  # the student's; the teacher runs without dropout
         return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
+
+    def teacher_blocks(self) -> Optional[nn.ModuleList]:
+        return None if self.teacher is None else self.teacher.blocks
 
     @torch.no_grad()
     def forward_teacher(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], source: Optional[Tensor] = None):
         """feats: (B, T, D) student local features -> targets (B, T, D) fp32 from the top-K
         FFN outputs. A teacher with its own local encoder (v2 images) embeds ``source``."""
         enc = self.teacher.modality_encoders[modality]
+        if getattr(enc, "teacher_uses_student_encoder", False):  # v2 text: EMA of the blocks only
+            enc = self.modality_encoders[modality]
         K, E = self.cfg.average_top_k_layers, enc.num_extra
         if enc.ema_local_encoder:
             feats, padding_mask = enc.local_features(source.float(), None)

@@ -17,6 +17,8 @@ any process. Padding (positions >= a row's length) is never masked.
 * ``beit_mask_2d`` (data2vec 1.0 images, BEiT): rectangles of at least ``min_patches``
   patches with random area and aspect ratio in [0.3, 1/0.3] until ``int(L * p)``
   patches are masked (topped up at random when no rectangle fits any more).
+* ``random_mask_1d`` (data2vec 2.0 text): exactly ``int(n * mask_prob)`` of a sentence's
+  n real tokens (its ``<s>``/``</s>`` excluded), uniformly.
 * ``kept_positions``: where the unmasked tokens are, in increasing time order.
 """
 from __future__ import annotations
@@ -134,6 +136,23 @@ def beit_mask_2d(
     return mask.view(rows, h * w)
 
 
+def random_mask_1d(
+    lengths: Tensor, num_frames: int, mask_prob: float, generator: Optional[torch.Generator] = None, keep_ends: bool = True
+) -> Tensor:
+    """lengths: (B,) -> (B, num_frames) bool with exactly ``int(n * mask_prob)`` masked of the
+    n maskable positions of each row, chosen uniformly; padding is never masked, nor (with
+    ``keep_ends``) the first and last real position (a sentence's ``<s>`` and ``</s>``)."""
+    mask = torch.zeros(len(lengths), num_frames, dtype=torch.bool)
+    for b, length in enumerate(lengths.tolist()):
+        lo, hi = (1, length - 1) if keep_ends else (0, length)
+        n = hi - lo
+        if n <= 0:
+            continue
+        pick = torch.randperm(n, generator=generator)[: int(n * mask_prob)] + lo
+        mask[b, pick] = True
+    return mask
+
+
 def span_mask_1d(
     lengths: Tensor,
     num_frames: int,
@@ -177,11 +196,11 @@ class MaskSettings:
     ``span``; patch grids (``grid=(h, w)``): ``block``, ``inverse_block`` or ``beit``
     (``length`` = the smallest BEiT rectangle in patches)."""
 
-    KINDS = ("block", "span", "inverse_block", "beit")
+    KINDS = ("block", "span", "random", "inverse_block", "beit")
 
     def __init__(self, kind: str, prob: float, length: int, adjust: float = 0.0, clone_batch: int = 1,
                  grid: Optional[Tuple[int, int]] = None):
-        allowed = ("block", "inverse_block", "beit") if grid is not None else ("block", "span")
+        allowed = ("block", "inverse_block", "beit") if grid is not None else ("block", "span", "random")
         if kind not in allowed:
             raise ValueError(f"mask type {kind!r}: choose one of {allowed}")
         if not 0.0 <= prob < 1.0:
@@ -209,4 +228,6 @@ class MaskSettings:
                                  self.kind == "inverse_block", generator)
         if self.kind == "block":
             return block_mask_1d(lengths, num_frames, self.prob, self.length, self.adjust, generator)
+        if self.kind == "random":
+            return random_mask_1d(lengths, num_frames, self.prob, generator)
         return span_mask_1d(lengths, num_frames, self.prob, self.length, generator=generator)
