@@ -1,5 +1,7 @@
 """fairseq adapter: the ``d2v_classification`` criterion — cross-entropy with label
-smoothing and optional mixup / cutmix; logs top-1 (and top-5 with more than 5 classes)."""
+smoothing and optional mixup / cutmix (images); logs top-1 (and top-5 with more than 5
+classes; F1 and MCC with 2 classes). Regression tasks (``task.regression``): squared
+error, logs Pearson's r. Every logged value is a sum, so distributed runs combine them."""
 
 from dataclasses import dataclass, field
 
@@ -35,7 +37,7 @@ class D2vClassificationCriterion(FairseqCriterion):
     def __init__(self, cfg: D2vClassificationCriterionConfig, task):
         super().__init__(task)
         self.cfg = cfg
-        self.num_classes = len(task.labels)
+        self.num_classes = len(task.labels) or 1
 
     def mix(self, images, labels):
         """-> mixed images (B, C, H, W), soft targets (B, classes) (mixup or cutmix with the flipped batch)."""
@@ -53,19 +55,33 @@ class D2vClassificationCriterion(FairseqCriterion):
         return images, lam * one_hot + (1.0 - lam) * one_hot.flip(0)
 
     def forward(self, model, sample, reduce=True):
-        images, labels = sample["net_input"]["source"], sample["target"]
-        mixing = model.training and (self.cfg.mixup_alpha > 0 or self.cfg.cutmix_alpha > 0) and float(torch.rand(())) < self.cfg.mix_prob
+        net_input, labels = dict(sample["net_input"]), sample["target"]
+        B = len(labels)
+        log = {"ntokens": B, "nsentences": B, "sample_size": B}
+        if getattr(self.task, "regression", False):
+            pred = model(**net_input)["logits"].float().squeeze(-1)
+            y = labels.float()
+            loss = F.mse_loss(pred, y, reduction="sum")
+            p, t = pred.detach().double(), y.double()
+            log.update(loss=loss.item(), n=B, sx=float(p.sum()), sy=float(t.sum()), sxx=float((p * p).sum()),
+                       syy=float((t * t).sum()), sxy=float((p * t).sum()))
+            return loss, B, log
+        images = net_input["source"]
+        mixing = (model.training and images.dim() == 4 and (self.cfg.mixup_alpha > 0 or self.cfg.cutmix_alpha > 0)
+                  and float(torch.rand(())) < self.cfg.mix_prob)
         target = labels
         if mixing:
-            images, target = self.mix(images, labels)
-        logits = model(source=images)["logits"].float()
+            net_input["source"], target = self.mix(images, labels)
+        logits = model(**net_input)["logits"].float()
         loss = F.cross_entropy(logits, target, label_smoothing=self.cfg.label_smoothing, reduction="sum")
-        B = len(labels)
-        log = {"loss": loss.item(), "ntokens": B, "nsentences": B, "sample_size": B}
+        log["loss"] = loss.item()
         if not mixing:
             top = logits.topk(min(5, self.num_classes), dim=-1).indices  # (B, k)
             hit = top == labels[:, None]
             log.update(counted=B, correct1=int(hit[:, 0].sum()), correct5=int(hit.any(1).sum()) if self.num_classes > 5 else 0)
+            if self.num_classes == 2:
+                p, t = top[:, 0] == 1, labels == 1
+                log.update(tp=int((p & t).sum()), fp=int((p & ~t).sum()), fn=int((~p & t).sum()), tn=int((~p & ~t).sum()))
         return loss, B, log
 
     @staticmethod
@@ -79,7 +95,28 @@ class D2vClassificationCriterion(FairseqCriterion):
             metrics.log_scalar("top1", 100.0 * total("correct1") / counted, counted, round=2)
             if total("correct5"):
                 metrics.log_scalar("top5", 100.0 * total("correct5") / counted, counted, round=2)
+        tp, fp, fn, tn = (total(k) for k in ("tp", "fp", "fn", "tn"))
+        if tp + fp + fn + tn:
+            metrics.log_scalar("f1", 100.0 * f1_score(tp, fp, fn), counted, round=2)
+            metrics.log_scalar("mcc", 100.0 * matthews(tp, fp, fn, tn), counted, round=2)
+        n = total("n")
+        if n:
+            metrics.log_scalar("pearson", 100.0 * pearson(n, *(total(k) for k in ("sx", "sy", "sxx", "syy", "sxy"))), n, round=2)
 
     @staticmethod
     def logging_outputs_can_be_summed() -> bool:
         return True
+
+
+def f1_score(tp: int, fp: int, fn: int) -> float:
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+
+
+def matthews(tp: int, fp: int, fn: int, tn: int) -> float:
+    denom = ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    return (tp * tn - fp * fn) / denom if denom else 0.0
+
+
+def pearson(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float:
+    cov, vx, vy = sxy - sx * sy / n, sxx - sx * sx / n, syy - sy * sy / n
+    return cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else 0.0

@@ -101,3 +101,62 @@ class D2vTextPretrainingTask(EMAStepMixin, FairseqTask):
     @property
     def target_dictionary(self):
         return self.dictionary
+
+
+@dataclass
+class D2vTextClassificationConfig(FairseqDataclass):
+    data: str = field(default=MISSING, metadata={"help": "directory from d2v_plugin.prep.text_classification"})
+    max_positions: int = field(default=512, metadata={"help": "longest input in tokens; longer samples are cut (logged)"})
+    seed: int = field(default=II("common.seed"), metadata={"help": "seed of the batch order (common.seed)"})
+    train_subset: str = field(default=II("dataset.train_subset"), metadata={"help": "the training split (shuffled)"})
+
+
+@register_task("d2v_text_classification", dataclass=D2vTextClassificationConfig)
+class D2vTextClassificationTask(FairseqTask):
+    """Sentence (pair) classification or regression (``labels.txt`` empty) for fine-tuning and ``fairseq-validate``."""
+
+    def __init__(self, cfg: D2vTextClassificationConfig, dictionary: Dictionary, labels):
+        super().__init__(cfg)
+        self.dictionary, self.labels = dictionary, labels
+        self.regression = not labels
+
+    @classmethod
+    def setup_task(cls, cfg: D2vTextClassificationConfig, **kwargs):
+        for name in ("dict.txt", "labels.txt"):
+            if not os.path.isfile(os.path.join(cfg.data, name)):
+                raise TextDataError(f"{os.path.join(cfg.data, name)} not found; run d2v_plugin.prep.text_classification")
+        dictionary = Dictionary.load(os.path.join(cfg.data, "dict.txt"))
+        dictionary.add_symbol("<mask>")  # as in pretraining: the same vocabulary size
+        with open(os.path.join(cfg.data, "labels.txt"), encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
+        return cls(cfg, dictionary, labels)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        from ..data.text import SentenceDataset
+
+        self.datasets[split] = SentenceDataset(self.cfg.data, split, self.dictionary, self.cfg.max_positions, self.regression,
+                                               shuffle=split == self.cfg.train_subset, seed=self.cfg.seed)
+        return self.datasets[split]
+
+    def build_model(self, cfg, from_checkpoint=False):
+        from ..models.pretrained import store_pretrained_args
+
+        model = super().build_model(cfg, from_checkpoint)
+        if getattr(cfg, "pretrained_args", None) is None:
+            store_pretrained_args(cfg, unwrap(model).cfg.pretrained_args)
+        vocab = unwrap(model).encoder.cfg.text_vocab_size
+        if vocab != len(self.dictionary):
+            raise ValueError(f"the pretrained model has {vocab} tokens but {self.cfg.data}/dict.txt gives {len(self.dictionary)}; "
+                             "prepare the classification data with the pretraining data's dictionary (--text-data)")
+        return model
+
+    def max_positions(self):
+        return self.cfg.max_positions
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary

@@ -1,0 +1,43 @@
+"""fairseq adapter: the ``d2v_text_classifier`` model — a pretrained d2v text encoder +
+a head on the first token (``<s>``): dense -> tanh -> dropout -> linear (RoBERTa's),
+one output per class, or one for regression."""
+from dataclasses import dataclass, field
+from typing import Dict
+
+import torch.nn as nn
+from fairseq.models import register_model
+from torch import Tensor
+
+from ..modules.data2vec import Data2Vec
+from .pretrained import FinetuneConfig, FinetuneModel
+
+
+@dataclass
+class D2vTextClassifierConfig(FinetuneConfig):
+    pooler_dropout: float = field(default=0.0, metadata={"help": "dropout in the classification head"})
+
+
+@register_model("d2v_text_classifier", dataclass=D2vTextClassifierConfig)
+class D2vTextClassifier(FinetuneModel):
+    MODALITY = "text"
+    OVERRIDES = {**FinetuneModel.OVERRIDES, "dropout": ("encoder_dropout", "post_mlp_dropout", "text_dropout")}
+
+    def __init__(self, cfg: D2vTextClassifierConfig, encoder: Data2Vec, num_outputs: int):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        D = encoder.cfg.embed_dim
+        self.head = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Dropout(cfg.pooler_dropout), nn.Linear(D, num_outputs))
+        self.num_updates = 0
+        if cfg.layer_decay < 1.0:
+            self.set_layer_decay(cfg.layer_decay)
+
+    @classmethod
+    def build_model(cls, cfg: D2vTextClassifierConfig, task) -> "D2vTextClassifier":
+        encoder, _ = cls.build_encoder(cfg)
+        return cls(cfg, encoder, 1 if task.regression else len(task.labels))
+
+    def forward(self, source: Tensor, padding_mask=None, **unused) -> Dict[str, Tensor]:
+        """source: (B, T) tokens -> logits (B, classes) (or (B, 1) for regression)."""
+        x = self.encoder.extract_features(source, padding_mask, modality="text")["x"]  # (B, T, D)
+        return {"logits": self.head(x[:, 0])}
