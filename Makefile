@@ -34,6 +34,7 @@ test: $(STAMP) sysdeps lint
 demo: $(STAMP) sysdeps
 	$(PY) examples/speech_demo.py --work $(DATA)/demo
 	$(PY) examples/image_demo.py --work $(DATA)/demo
+	$(PY) examples/text_demo.py --work $(DATA)/demo
 
 bench: $(STAMP) sysdeps
 	$(PY) bench/pretrain.py --out $(DATA)/bench/pretrain.json
