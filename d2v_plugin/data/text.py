@@ -21,31 +21,17 @@ class TextDataError(ValueError):
     """Text data that cannot be used as it is."""
 
 
-class TextBlockDataset(CompleteBatches, FairseqDataset):
-    def __init__(self, prefix: str, dictionary, tokens_per_sample: int, break_mode: str = "none", seed: int = 1,
-                 shuffle: bool = True):
-        super().__init__()
-        tokens = data_utils.load_indexed_dataset(prefix, dictionary, combine=False)
-        if tokens is None:
-            raise TextDataError(f"{prefix}.bin/.idx not found; binarise the text with `python -m d2v_plugin.prep.text RAW --dest DIR`")
-        blocks = TokenBlockDataset(tokens, tokens.sizes, tokens_per_sample - 1, pad=dictionary.pad(), eos=dictionary.eos(),
-                                   break_mode=break_mode)
-        self.blocks = PrependTokenDataset(blocks, dictionary.bos())
-        self.sizes = np.asarray(self.blocks.sizes)
-        self.pad, self.seed, self.shuffle, self.epoch = dictionary.pad(), seed, shuffle, 1
-        self.masking: Optional[MaskSettings] = None
+class SizedSamples(CompleteBatches, FairseqDataset):
+    """Samples of ``self.sizes`` tokens: shuffled per epoch (or sorted), batched by tokens."""
 
-    def set_masking(self, masking: MaskSettings) -> None:
-        self.masking = masking
+    sizes: np.ndarray
+    seed, epoch, shuffle = 1, 1, True
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, index: int) -> Dict:
-        return {"id": index, "source": self.blocks[index]}
+        return len(self.sizes)
 
     def size(self, index: int) -> int:
         return int(self.sizes[index])
@@ -62,6 +48,27 @@ class TextBlockDataset(CompleteBatches, FairseqDataset):
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self))
         return order[np.argsort(self.sizes[order], kind="stable")]
 
+
+class TextBlockDataset(SizedSamples):
+    def __init__(self, prefix: str, dictionary, tokens_per_sample: int, break_mode: str = "none", seed: int = 1,
+                 shuffle: bool = True):
+        super().__init__()
+        tokens = data_utils.load_indexed_dataset(prefix, dictionary, combine=False)
+        if tokens is None:
+            raise TextDataError(f"{prefix}.bin/.idx not found; binarise the text with `python -m d2v_plugin.prep.text RAW --dest DIR`")
+        blocks = TokenBlockDataset(tokens, tokens.sizes, tokens_per_sample - 1, pad=dictionary.pad(), eos=dictionary.eos(),
+                                   break_mode=break_mode)
+        self.blocks = PrependTokenDataset(blocks, dictionary.bos())
+        self.sizes = np.asarray(self.blocks.sizes)
+        self.pad, self.seed, self.shuffle, self.epoch = dictionary.pad(), seed, shuffle, 1
+        self.masking: Optional[MaskSettings] = None
+
+    def set_masking(self, masking: MaskSettings) -> None:
+        self.masking = masking
+
+    def __getitem__(self, index: int) -> Dict:
+        return {"id": index, "source": self.blocks[index]}
+
     def collater(self, samples: List[Dict]) -> Dict:
         if not samples:
             return {}
@@ -75,7 +82,7 @@ class TextBlockDataset(CompleteBatches, FairseqDataset):
         return {"id": ids, "net_input": net_input, "ntokens": int((~padding).sum()), "nsentences": len(samples)}
 
 
-class SentenceDataset(CompleteBatches, FairseqDataset):
+class SentenceDataset(SizedSamples):
     """Sentences (or pairs) from ``prep.text_classification`` with their labels:
     ``<s> s1 </s>`` or ``<s> s1 </s> </s> s2 </s>`` (RoBERTa), cut to ``max_positions``
     (the number of cut samples is logged)."""
@@ -110,33 +117,12 @@ class SentenceDataset(CompleteBatches, FairseqDataset):
         self.bos, self.eos, self.pad = dictionary.bos(), dictionary.eos(), dictionary.pad()
         self.max_positions, self.shuffle, self.seed, self.epoch = max_positions, shuffle, seed, 1
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
     def __getitem__(self, index: int) -> Dict:
         parts = [torch.tensor([self.bos]), self.inputs[0][index]]
         if len(self.inputs) > 1:
             parts += [torch.tensor([self.eos]), self.inputs[1][index]]
         tokens = torch.cat(parts)[: self.max_positions]
         return {"id": index, "source": tokens, "target": self.labels[index]}
-
-    def size(self, index: int) -> int:
-        return int(self.sizes[index])
-
-    def num_tokens(self, index: int) -> int:
-        return int(self.sizes[index])
-
-    def num_tokens_vec(self, indices):
-        return self.sizes[indices]
-
-    def ordered_indices(self):
-        if not self.shuffle:
-            return np.argsort(self.sizes, kind="stable")
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self))
-        return order[np.argsort(self.sizes[order], kind="stable")]
 
     def collater(self, samples: List[Dict]) -> Dict:
         if not samples:

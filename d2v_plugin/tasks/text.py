@@ -41,8 +41,20 @@ def set_model_field(cfg, name: str, value) -> None:
         setattr(cfg, name, value)
 
 
+class TokenTask(FairseqTask):
+    """A task over the tokens of one dictionary (``self.dictionary``)."""
+
+    @property
+    def source_dictionary(self):
+        return self.dictionary
+
+    @property
+    def target_dictionary(self):
+        return self.dictionary
+
+
 @register_task("d2v_text_pretraining", dataclass=D2vTextPretrainingConfig)
-class D2vTextPretrainingTask(EMAStepMixin, FairseqTask):
+class D2vTextPretrainingTask(EMAStepMixin, TokenTask):
     def __init__(self, cfg: D2vTextPretrainingConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
@@ -94,14 +106,6 @@ class D2vTextPretrainingTask(EMAStepMixin, FairseqTask):
     def max_positions(self):
         return self.cfg.tokens_per_sample
 
-    @property
-    def source_dictionary(self):
-        return self.dictionary
-
-    @property
-    def target_dictionary(self):
-        return self.dictionary
-
 
 @dataclass
 class D2vTextClassificationConfig(FairseqDataclass):
@@ -112,7 +116,7 @@ class D2vTextClassificationConfig(FairseqDataclass):
 
 
 @register_task("d2v_text_classification", dataclass=D2vTextClassificationConfig)
-class D2vTextClassificationTask(FairseqTask):
+class D2vTextClassificationTask(TokenTask):
     """Sentence (pair) classification or regression (``labels.txt`` empty) for fine-tuning and ``fairseq-validate``."""
 
     def __init__(self, cfg: D2vTextClassificationConfig, dictionary: Dictionary, labels):
@@ -152,11 +156,3 @@ class D2vTextClassificationTask(FairseqTask):
 
     def max_positions(self):
         return self.cfg.max_positions
-
-    @property
-    def source_dictionary(self):
-        return self.dictionary
-
-    @property
-    def target_dictionary(self):
-        return self.dictionary
