@@ -12,15 +12,14 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speech_demo import BIN, PY, hydra_train, losses, sh  # noqa: E402
+from demo_common import BIN, PRETRAINED, PY, compare, finetune_runs, pretrain, sh, user_dir  # noqa: E402
 
 
-def validate(lists, ckpt, user_dir, log):
-    out = sh([f"{BIN}/fairseq-validate", lists, "--user-dir", user_dir, "--task", "d2v_image_classification", "--path", ckpt,
+def validate(lists, ckpt, plugin, log):
+    out = sh([f"{BIN}/fairseq-validate", lists, "--user-dir", plugin, "--task", "d2v_image_classification", "--path", ckpt,
               "--valid-subset", "valid", "--batch-size", "128", "--num-workers", "0"], log=log)
     line = [x for x in out.splitlines() if "valid on 'valid' subset" in x][-1]
     get = lambda k: float(re.search(rf"\| {k} ([\d.]+)", line).group(1))  # noqa: E731
@@ -38,30 +37,19 @@ def main():
     a = ap.parse_args()
     work = os.path.abspath(a.work)
     images, lists = f"{work}/images", f"{work}/images/lists"
-    user_dir = sh([PY, "-m", "d2v_plugin.userdir"]).strip().splitlines()[-1]
     if not os.path.isdir(f"{images}/train"):
         sh([PY, "-m", "d2v_plugin.samples", "images", "--out", images, "--n", str(a.n), "--size", "32"])
     sh([PY, "-m", "d2v_plugin.prep.image_folder", images, "--dest", lists, "--labelled", str(a.labelled)])
     count = lambda split: sum(1 for _ in open(f"{lists}/{split}.tsv")) - 1  # noqa: E731
 
-    pt_dir = f"{work}/ckpt_image_pretrain"
-    shutil.rmtree(pt_dir, ignore_errors=True)
-    pt_log = f"{work}/image_pretrain.log"
-    pt_min = hydra_train("config/pretrain/image", "tiny_v2", f"{work}/hydra_image_pretrain", pt_log, f"task.data={lists}",
-                         f"common.user_dir={user_dir}", f"checkpoint.save_dir={pt_dir}", f"common.seed={a.seed}",
-                         f"optimization.max_update={a.updates}", f"model.ema_anneal_end_step={a.updates}")
-    curve = losses(pt_log)
-    results = {}
-    for name, random_init in (("fine-tuned from random init", "true"), ("fine-tuned from d2v pretraining", "false")):
-        tag = "image_" + re.sub(r"\W+", "_", name)
-        save = f"{work}/ckpt_{tag}"
-        shutil.rmtree(save, ignore_errors=True)
-        minutes = hydra_train("config/finetune/image", "tiny", f"{work}/hydra_{tag}", f"{work}/{tag}.log", f"task.data={lists}",
-                              f"model.pretrained_path={pt_dir}/checkpoint_last.pt", f"model.random_init={random_init}",
-                              f"common.user_dir={user_dir}", f"checkpoint.save_dir={save}", f"common.seed={a.seed}",
-                              f"optimization.max_update={a.ft_updates}", "dataset.train_subset=labelled")
-        top1, top5, n = validate(lists, f"{save}/checkpoint_best.pt", user_dir, f"{work}/validate_{tag}.log")
-        results[name] = {"updates": a.ft_updates, "minutes": round(minutes, 1), "valid_top1": top1, "valid_top5": top5, "images": n}
+    pretrained, pt_min, curve = pretrain(work, "image", "config/pretrain/image", lists, a.seed, a.updates)
+
+    def evaluate(ckpt, log):
+        top1, top5, n = validate(lists, ckpt, user_dir(), log)
+        return {"valid_top1": top1, "valid_top5": top5, "images": n}
+
+    results = finetune_runs(work, "image", "config/finetune/image", lists, pretrained, a.seed, compare(a), evaluate,
+                            "dataset.train_subset=labelled")
 
     print(f"\nd2v_plugin demo: data2vec 2.0 image pretraining + classification (Fashion-MNIST 32x32, {work}/images)")
     print(f"pretraining on {count('train')} unlabelled images: {a.updates} updates in {pt_min:.1f} min, "
@@ -73,7 +61,7 @@ def main():
     with open(f"{work}/image_results.json", "w") as f:
         json.dump({"pretrain_updates": a.updates, "labelled": count("labelled"), "runs": results}, f, indent=1)
     print(f"results: {work}/image_results.json; logs in {work}/")
-    if not (curve[-1][1] < curve[0][1] and results["fine-tuned from d2v pretraining"]["valid_top1"] > 30.0):
+    if not (curve[-1][1] < curve[0][1] and results[PRETRAINED]["valid_top1"] > 30.0):
         sys.exit("demo check failed: the pretraining loss must fall and the classifier must beat chance (10%) clearly")
 
 

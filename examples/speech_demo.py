@@ -16,33 +16,12 @@ import os
 import random
 import re
 import shutil
-import subprocess
 import sys
-import time
 
 import editdistance
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BIN = os.path.dirname(sys.executable)
-PY = sys.executable
-
-
-def sh(cmd, log=None):
-    print("$ " + " ".join(cmd), flush=True)
-    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if log:
-        with open(log, "w") as f:
-            f.write(proc.stdout)
-    if proc.returncode != 0:
-        sys.exit(f"command failed ({proc.returncode}); last output:\n{proc.stdout[-4000:]}")
-    return proc.stdout
-
-
-def hydra_train(config_dir, name, run_dir, log, *overrides):
-    start = time.time()
-    sh([f"{BIN}/fairseq-hydra-train", "--config-dir", f"{REPO}/{config_dir}", "--config-name", name,
-        f"hydra.run.dir={run_dir}", *overrides], log=log)
-    return (time.time() - start) / 60
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from demo_common import BIN, PRETRAINED, PY, compare, finetune_runs, pretrain, sh, user_dir  # noqa: E402
 
 
 def make_data(work, n, test_voices, labelled, seed):
@@ -91,9 +70,9 @@ def losses(log):
     return [(int(m.group(2)), float(m.group(1))) for m in re.finditer(r"train_inner\].*?loss=([\d.]+).*?num_updates=(\d+)", text)]
 
 
-def decode(asr, ckpt, user_dir, log):
+def decode(asr, ckpt, plugin, log):
     """fairseq-generate on the test split -> (CER %, WER % as fairseq prints it, utterances)."""
-    out = sh([f"{BIN}/fairseq-generate", asr, "--user-dir", user_dir, "--task", "d2v_asr_finetuning", "--path", ckpt,
+    out = sh([f"{BIN}/fairseq-generate", asr, "--user-dir", plugin, "--task", "d2v_asr_finetuning", "--path", ckpt,
               "--gen-subset", "test", "--scoring", "wer", "--post-process", "letter", "--batch-size", "16",
               "--num-workers", "0"], log=log)
     refs = dict(re.findall(r"^T-(\d+)\t(.*)$", out, re.M))
@@ -115,38 +94,21 @@ def main():
     ap.add_argument("--seed", type=int, default=1, help="seed of the labelled subset and of training")
     a = ap.parse_args()
     work = os.path.abspath(a.work)
-    user_dir = sh([PY, "-m", "d2v_plugin.userdir"]).strip().splitlines()[-1]
     manifest, asr = make_data(work, a.n, a.test_voices.split(","), a.labelled, a.seed)
     n_train = sum(1 for _ in open(f"{manifest}/train.tsv")) - 1
     n_lab = sum(1 for _ in open(f"{asr}/train.tsv")) - 1
     n_test = sum(1 for _ in open(f"{asr}/test.tsv")) - 1
 
-    pt_dir = f"{work}/ckpt_pretrain"
-    shutil.rmtree(pt_dir, ignore_errors=True)  # a rerun trains afresh instead of resuming a finished run
-    pt_log = f"{work}/pretrain.log"
-    pt_min = hydra_train("config/pretrain/audio", "tiny_v2", f"{work}/hydra_pretrain", pt_log, f"task.data={manifest}",
-                         f"common.user_dir={user_dir}", f"checkpoint.save_dir={pt_dir}", f"common.seed={a.seed}",
-                         f"optimization.max_update={a.updates}", f"model.ema_anneal_end_step={a.updates}")
-    pretrained = f"{pt_dir}/checkpoint_last.pt"
+    pretrained, pt_min, curve = pretrain(work, "speech", "config/pretrain/audio", manifest, a.seed, a.updates)
     cfg, same, fp32, n_params = check_pretrained(pretrained)
-    curve = losses(pt_log)
 
-    runs = {"untrained (random init, no training)": ("true", 10, "[0.0]"),  # lr 0: weights never change
-            "fine-tuned from random init": ("true", a.ft_updates, None),
-            "fine-tuned from d2v pretraining": ("false", a.ft_updates, None)}
-    results = {}
-    for name, (random_init, updates, lr) in runs.items():
-        tag = re.sub(r"\W+", "_", name.split(" (")[0])
-        save = f"{work}/ckpt_{tag}"
-        shutil.rmtree(save, ignore_errors=True)
-        extra = [f"optimization.lr={lr}"] if lr else []
-        minutes = hydra_train("config/finetune/asr", "tiny", f"{work}/hydra_{tag}", f"{work}/{tag}.log",
-                              f"task.data={asr}", f"model.pretrained_path={pretrained}", f"model.random_init={random_init}",
-                              f"common.user_dir={user_dir}", f"checkpoint.save_dir={save}", f"common.seed={a.seed}",
-                              f"optimization.max_update={updates}", *extra)
-        cer, wer, n, ref, hyp = decode(asr, f"{save}/checkpoint_best.pt", user_dir, f"{work}/generate_{tag}.log")
-        results[name] = {"updates": updates, "minutes": round(minutes, 1), "test_cer": round(cer, 2), "test_wer": wer,
-                         "example_ref": ref, "example_hyp": hyp, "utterances": n}
+    def evaluate(ckpt, log):
+        cer, wer, n, ref, hyp = decode(asr, ckpt, user_dir(), log)
+        return {"test_cer": round(cer, 2), "test_wer": wer, "example_ref": ref, "example_hyp": hyp, "utterances": n}
+
+    runs = {"untrained (random init, no training)": ("true", 10, ["optimization.lr=[0.0]"]),  # lr 0: weights never change
+            **compare(a)}
+    results = finetune_runs(work, "speech", "config/finetune/asr", asr, pretrained, a.seed, runs, evaluate)
 
     print(f"\nd2v_plugin demo: data2vec {cfg.model.algorithm} speech pretraining + CTC fine-tuning "
           f"({n_params / 1e6:.2f} M parameters)")
@@ -157,7 +119,7 @@ def main():
     print(f"\n{'model':<40} {'updates':>7} {'min':>5} {'test CER %':>10} {'test WER %':>10}")
     for name, r in results.items():
         print(f"{name:<40} {r['updates']:>7} {r['minutes']:>5} {r['test_cer']:>10.2f} {r['test_wer']:>10.2f}")
-    best = results["fine-tuned from d2v pretraining"]
+    best = results[PRETRAINED]
     print(f"\nexample (test): REF {best['example_ref']!r}\n                HYP {best['example_hyp']!r}")
     with open(f"{work}/results.json", "w") as f:
         json.dump({"pretrain_updates": a.updates, "labelled": n_lab, "test": n_test, "runs": results}, f, indent=1)

@@ -12,15 +12,14 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speech_demo import BIN, PY, hydra_train, losses, sh  # noqa: E402
+from demo_common import BIN, PY, compare, finetune_runs, pretrain, sh, user_dir  # noqa: E402
 
 
-def validate(data, ckpt, user_dir, log):
-    out = sh([f"{BIN}/fairseq-validate", data, "--user-dir", user_dir, "--task", "d2v_text_classification", "--path", ckpt,
+def validate(data, ckpt, plugin, log):
+    out = sh([f"{BIN}/fairseq-validate", data, "--user-dir", plugin, "--task", "d2v_text_classification", "--path", ckpt,
               "--valid-subset", "test", "--batch-size", "64", "--num-workers", "0"], log=log)
     line = [x for x in out.splitlines() if "valid on 'test' subset" in x][-1]
     get = lambda k: float(re.search(rf"\| {k} (-?[\d.]+)", line).group(1))  # noqa: E731
@@ -37,7 +36,6 @@ def main():
     a = ap.parse_args()
     work = os.path.abspath(a.work)
     raw, data, cls = f"{work}/text", f"{work}/text/data", f"{work}/text/cls"
-    user_dir = sh([PY, "-m", "d2v_plugin.userdir"]).strip().splitlines()[-1]
     if not os.path.isfile(f"{raw}/news.txt"):
         sh([PY, "-m", "d2v_plugin.samples", "text", "--out", raw])
     if not os.path.isfile(f"{data}/train.bin"):
@@ -49,25 +47,13 @@ def main():
     sh([PY, "-m", "d2v_plugin.prep.text_classification", "--train", f"{raw}/sentiment/train_labelled.tsv", "--valid",
         f"{raw}/sentiment/valid.tsv", "--test", f"{raw}/sentiment/test.tsv", "--text-data", data, "--dest", cls])
 
-    pt_dir = f"{work}/ckpt_text_pretrain"
-    shutil.rmtree(pt_dir, ignore_errors=True)
-    pt_log = f"{work}/text_pretrain.log"
-    pt_min = hydra_train("config/pretrain/text", "tiny_v2", f"{work}/hydra_text_pretrain", pt_log, f"task.data={data}",
-                         f"common.user_dir={user_dir}", f"checkpoint.save_dir={pt_dir}", f"common.seed={a.seed}",
-                         f"optimization.max_update={a.updates}", f"model.ema_anneal_end_step={a.updates}")
-    curve = losses(pt_log)
-    results = {}
-    for name, random_init in (("fine-tuned from random init", "true"), ("fine-tuned from d2v pretraining", "false")):
-        tag = "text_" + re.sub(r"\W+", "_", name)
-        save = f"{work}/ckpt_{tag}"
-        shutil.rmtree(save, ignore_errors=True)
-        minutes = hydra_train("config/finetune/text", "tiny", f"{work}/hydra_{tag}", f"{work}/{tag}.log", f"task.data={cls}",
-                              f"model.pretrained_path={pt_dir}/checkpoint_last.pt", f"model.random_init={random_init}",
-                              f"common.user_dir={user_dir}", f"checkpoint.save_dir={save}", f"common.seed={a.seed}",
-                              f"optimization.max_update={a.ft_updates}")
-        acc, f1, mcc, n = validate(cls, f"{save}/checkpoint_best.pt", user_dir, f"{work}/validate_{tag}.log")
-        results[name] = {"updates": a.ft_updates, "minutes": round(minutes, 1), "test_acc": acc, "test_f1": f1,
-                         "test_mcc": mcc, "sentences": n}
+    pretrained, pt_min, curve = pretrain(work, "text", "config/pretrain/text", data, a.seed, a.updates)
+
+    def evaluate(ckpt, log):
+        acc, f1, mcc, n = validate(cls, ckpt, user_dir(), log)
+        return {"test_acc": acc, "test_f1": f1, "test_mcc": mcc, "sentences": n}
+
+    results = finetune_runs(work, "text", "config/finetune/text", cls, pretrained, a.seed, compare(a), evaluate)
 
     print(f"\nd2v_plugin demo: data2vec 2.0 text pretraining + sentiment classification ({work}/text)")
     print(f"pretraining on news articles: {a.updates} updates in {pt_min:.1f} min, loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}; "
