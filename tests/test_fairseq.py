@@ -35,7 +35,14 @@ def test_userdir_module_prints_package_dir():
 
 
 def test_every_field_has_help():
-    for dc in (D2vMultiConfig, D2vAudioPretrainingConfig):
+    from fairseq.criterions import CRITERION_DATACLASS_REGISTRY
+    from fairseq.models import MODEL_DATACLASS_REGISTRY
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+
+    plugin = [reg[name] for reg in (MODEL_DATACLASS_REGISTRY, TASK_DATACLASS_REGISTRY, CRITERION_DATACLASS_REGISTRY)
+              for name in reg if name.startswith("d2v")]
+    assert len(plugin) == 13  # 4 models, 6 tasks, 3 criteria
+    for dc in (D2vMultiConfig, D2vAudioPretrainingConfig, *plugin):
         missing = [n for n, f in dc.__dataclass_fields__.items() if not n.startswith("_") and not f.metadata.get("help")]
         assert not missing, f"{dc.__name__}: fields without help {missing}"
 
