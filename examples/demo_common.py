@@ -73,3 +73,11 @@ def finetune_runs(work, tag, config_dir, data, pretrained, seed, runs, evaluate,
 def compare(a, extra=None):
     """The usual pair: from scratch and from pretraining, same budget."""
     return {BASELINE: ("true", a.ft_updates, extra or []), PRETRAINED: ("false", a.ft_updates, extra or [])}
+
+
+def curve_text(curve):
+    return f"loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}" if curve else "no loss logged"
+
+
+def loss_fell(curve):
+    return len(curve) >= 2 and curve[-1][1] < curve[0][1]

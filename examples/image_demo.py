@@ -15,7 +15,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_common import BIN, PRETRAINED, PY, compare, finetune_runs, pretrain, sh, user_dir  # noqa: E402
+from demo_common import BIN, PRETRAINED, PY, compare, curve_text, finetune_runs, loss_fell, pretrain, sh, user_dir  # noqa: E402
 
 
 def validate(lists, ckpt, plugin, log):
@@ -53,7 +53,7 @@ def main():
 
     print(f"\nd2v_plugin demo: data2vec 2.0 image pretraining + classification (Fashion-MNIST 32x32, {work}/images)")
     print(f"pretraining on {count('train')} unlabelled images: {a.updates} updates in {pt_min:.1f} min, "
-          f"loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}; fine-tuning on {count('labelled')} labelled images; "
+          f"{curve_text(curve)}; fine-tuning on {count('labelled')} labelled images; "
           f"valid: {count('valid')} held-out images (the Fashion-MNIST test set)")
     print(f"\n{'model':<34} {'updates':>7} {'min':>5} {'valid top-1 %':>13} {'top-5 %':>8}")
     for name, r in results.items():
@@ -61,7 +61,7 @@ def main():
     with open(f"{work}/image_results.json", "w") as f:
         json.dump({"pretrain_updates": a.updates, "labelled": count("labelled"), "runs": results}, f, indent=1)
     print(f"results: {work}/image_results.json; logs in {work}/")
-    if not (curve[-1][1] < curve[0][1] and results[PRETRAINED]["valid_top1"] > 30.0):
+    if not (loss_fell(curve) and results[PRETRAINED]["valid_top1"] > 30.0):
         sys.exit("demo check failed: the pretraining loss must fall and the classifier must beat chance (10%) clearly")
 
 

@@ -15,7 +15,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_common import BIN, PY, compare, finetune_runs, pretrain, sh, user_dir  # noqa: E402
+from demo_common import BIN, PY, compare, curve_text, finetune_runs, loss_fell, pretrain, sh, user_dir  # noqa: E402
 
 
 def validate(data, ckpt, plugin, log):
@@ -56,7 +56,7 @@ def main():
     results = finetune_runs(work, "text", "config/finetune/text", cls, pretrained, a.seed, compare(a), evaluate)
 
     print(f"\nd2v_plugin demo: data2vec 2.0 text pretraining + sentiment classification ({work}/text)")
-    print(f"pretraining on news articles: {a.updates} updates in {pt_min:.1f} min, loss {curve[0][1]:.3f} -> {curve[-1][1]:.3f}; "
+    print(f"pretraining on news articles: {a.updates} updates in {pt_min:.1f} min, {curve_text(curve)}; "
           f"fine-tuning on {a.labelled} labelled review snippets; test: reviews of held-out movies")
     print(f"\n{'model':<34} {'updates':>7} {'min':>5} {'test acc %':>10} {'F1 %':>6} {'MCC %':>6}")
     for name, r in results.items():
@@ -64,7 +64,7 @@ def main():
     with open(f"{work}/text_results.json", "w") as f:
         json.dump({"pretrain_updates": a.updates, "labelled": a.labelled, "runs": results}, f, indent=1)
     print(f"results: {work}/text_results.json; logs in {work}/")
-    if not curve[-1][1] < curve[0][1]:
+    if not loss_fell(curve):
         sys.exit("demo check failed: the text pretraining loss must fall")
 
 
