@@ -1,10 +1,12 @@
 """Text: preparation with bad lines, metrics, and pretrain -> fine-tune -> validate through the fairseq binaries."""
+import glob
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
 from d2v_plugin.criterions.classification import f1_score, matthews, pearson
 from d2v_plugin.prep.text import prepare as prepare_text
@@ -81,3 +83,24 @@ def test_pretrain_finetune_validate_with_fairseq_binaries(text_corpus, tmp_path)
                           "--valid-subset", "valid", "--batch-size", "16", "--num-workers", "0"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "nsentences 40" in out.stdout + out.stderr and "| top1 " in out.stdout + out.stderr
+
+
+TEXT_CONFIGS = sorted(glob.glob(os.path.join(REPO, "config", "*", "text", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", TEXT_CONFIGS, ids=lambda p: "/".join(p.split(os.sep)[-3:]))
+def test_text_yaml_composes(path):
+    from d2v_plugin.models.config import D2vMultiConfig
+    from d2v_plugin.models.d2v_text_classifier import D2vTextClassifierConfig
+    from d2v_plugin.tasks.text import D2vTextClassificationConfig, D2vTextPretrainingConfig
+
+    y = OmegaConf.load(path)
+    assert OmegaConf.is_missing(y.task, "data") and OmegaConf.is_missing(y.common, "user_dir")
+    pretrain = "pretrain" in path
+    for dc, section in (((D2vMultiConfig if pretrain else D2vTextClassifierConfig), "model"),
+                        ((D2vTextPretrainingConfig if pretrain else D2vTextClassificationConfig), "task")):
+        values = OmegaConf.to_container(y[section])
+        values.pop("_name")
+        merged = OmegaConf.merge(OmegaConf.structured(dc), values)  # unknown keys or wrong types raise
+    if pretrain:
+        assert y.model.text_max_positions >= merged.tokens_per_sample
