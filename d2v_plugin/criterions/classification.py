@@ -9,8 +9,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from fairseq import metrics
-from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
+
+from .base import SummedLogsCriterion
 
 
 @dataclass
@@ -33,7 +35,7 @@ def cutmix_box(h: int, w: int, lam: float):
 
 
 @register_criterion("d2v_classification", dataclass=D2vClassificationCriterionConfig)
-class D2vClassificationCriterion(FairseqCriterion):
+class D2vClassificationCriterion(SummedLogsCriterion):
     def __init__(self, cfg: D2vClassificationCriterionConfig, task):
         super().__init__(task)
         self.cfg = cfg
@@ -86,9 +88,7 @@ class D2vClassificationCriterion(FairseqCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
-        total = lambda k: sum(log.get(k, 0) for log in logging_outputs)  # noqa: E731
-        sample_size = total("sample_size")
-        metrics.log_scalar("loss", total("loss") / max(sample_size, 1), sample_size, round=4)
+        total = SummedLogsCriterion.log_loss(logging_outputs, round=4)
         metrics.log_scalar("nsentences", total("nsentences"))
         counted = total("counted")
         if counted:
@@ -102,10 +102,6 @@ class D2vClassificationCriterion(FairseqCriterion):
         n = total("n")
         if n:
             metrics.log_scalar("pearson", 100.0 * pearson(n, *(total(k) for k in ("sx", "sy", "sxx", "syy", "sxy"))), n, round=2)
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True
 
 
 def f1_score(tp: int, fp: int, fn: int) -> float:

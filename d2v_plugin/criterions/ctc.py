@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from fairseq import metrics
-from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
 
 from ..data.letters import errors, letters_to_words
 from ..modules.ctc import ctc_best_path
+from .base import SummedLogsCriterion
 
 COUNTS = ("c_errors", "c_total", "w_errors", "w_total")
 
@@ -26,7 +27,7 @@ class D2vCtcCriterionConfig(FairseqDataclass):
 
 
 @register_criterion("d2v_ctc", dataclass=D2vCtcCriterionConfig)
-class D2vCtcCriterion(FairseqCriterion):
+class D2vCtcCriterion(SummedLogsCriterion):
     """The CTC blank is the dictionary's ``<s>`` (index 0), as in wav2vec 2.0 / data2vec."""
 
     def __init__(self, cfg: D2vCtcCriterionConfig, task):
@@ -66,9 +67,7 @@ class D2vCtcCriterion(FairseqCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
-        total = lambda k: sum(log.get(k, 0) for log in logging_outputs)  # noqa: E731
-        sample_size = total("sample_size")
-        metrics.log_scalar("loss", total("loss") / max(sample_size, 1), sample_size, round=3)
+        total = SummedLogsCriterion.log_loss(logging_outputs, round=3)
         metrics.log_scalar("ntokens", total("ntokens"))
         metrics.log_scalar("nsentences", total("nsentences"))
         for k in COUNTS:
@@ -76,7 +75,3 @@ class D2vCtcCriterion(FairseqCriterion):
         if total("c_total") > 0:
             metrics.log_derived("uer", lambda m: round(100 * m["_c_errors"].sum / max(m["_c_total"].sum, 1), 3))
             metrics.log_derived("wer", lambda m: round(100 * m["_w_errors"].sum / max(m["_w_total"].sum, 1), 3))
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True

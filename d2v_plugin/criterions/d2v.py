@@ -3,8 +3,10 @@
 from dataclasses import dataclass
 
 from fairseq import metrics
-from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
+
+from .base import SummedLogsCriterion
 
 # logged per batch and averaged over batches (all summable, so distributed CPU/gloo works)
 MEAN_KEYS = ("target_var", "pred_var", "masked_pct", "ema_decay")
@@ -16,7 +18,7 @@ class D2vCriterionConfig(FairseqDataclass):
 
 
 @register_criterion("d2v", dataclass=D2vCriterionConfig)
-class D2vCriterion(FairseqCriterion):
+class D2vCriterion(SummedLogsCriterion):
     """loss = sum of ``net_output["losses"]``; gradients are divided by
     ``sample_size`` = number of masked positions (regression targets)."""
 
@@ -37,15 +39,10 @@ class D2vCriterion(FairseqCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
-        total = lambda k: sum(log.get(k, 0) for log in logging_outputs)  # noqa: E731
+        total = SummedLogsCriterion.log_loss(logging_outputs, round=4)
         sample_size, batches = total("sample_size"), max(total("batches"), 1)
-        metrics.log_scalar("loss", total("loss") / max(sample_size, 1), sample_size, round=4)
         metrics.log_scalar("sample_size", sample_size)
         for k in MEAN_KEYS:
             value = total(k) / batches
             metrics.log_scalar(k, value * 1000 if k == "ema_decay" else value, batches, round=5 if k != "ema_decay" else 3)
-
-    @staticmethod
-    def logging_outputs_can_be_summed() -> bool:
-        return True
 
