@@ -44,17 +44,12 @@ class D2vCtcModel(FinetuneModel):
     }
 
     def __init__(self, cfg: D2vCtcConfig, encoder: Data2Vec, num_outputs: int, pretrained_normalize: bool):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = encoder
+        super().__init__(cfg, encoder)
         self.pretrained_normalize = pretrained_normalize
         self.final_dropout = nn.Dropout(cfg.final_dropout)
         self.proj = nn.Linear(encoder.cfg.embed_dim, num_outputs)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
-        self.num_updates = 0
-        if cfg.layer_decay < 1.0:
-            self.set_layer_decay(cfg.layer_decay)
 
     @classmethod
     def build_model(cls, cfg: D2vCtcConfig, task) -> "D2vCtcModel":

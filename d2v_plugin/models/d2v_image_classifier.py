@@ -4,6 +4,7 @@
 ``linear_probe`` freezes the encoder (eval mode, no gradients) and trains the head
 only. When ``input_size`` differs from pretraining the position table is resized.
 """
+import contextlib
 from dataclasses import dataclass, field
 from typing import Dict
 
@@ -30,21 +31,16 @@ class D2vImageClassifier(FinetuneModel):
     OVERRIDES = {**FinetuneModel.OVERRIDES, "dropout": ("encoder_dropout", "post_mlp_dropout", "image_prenet_dropout")}
 
     def __init__(self, cfg: D2vImageClassifierConfig, encoder: Data2Vec, num_classes: int):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = encoder
+        super().__init__(cfg, encoder)
         D = encoder.cfg.embed_dim
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         self.head.weight.data.mul_(cfg.head_init_scale)
         nn.init.zeros_(self.head.bias)
-        self.num_updates = 0
         if cfg.linear_probe:
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
-        if cfg.layer_decay < 1.0:
-            self.set_layer_decay(cfg.layer_decay)
 
     @classmethod
     def encoder_config(cls, pretrained_model, cfg):
@@ -76,9 +72,6 @@ class D2vImageClassifier(FinetuneModel):
 
     def forward(self, source: Tensor, **unused) -> Dict[str, Tensor]:
         """source: (B, C, H, W) -> logits (B, classes)."""
-        if self.cfg.linear_probe:
-            with torch.no_grad():
-                x = self.encoder.extract_features(source, modality="image")["x"]
-        else:
+        with torch.no_grad() if self.cfg.linear_probe else contextlib.nullcontext():
             x = self.encoder.extract_features(source, modality="image")["x"]  # (B, L, D) patches
         return {"logits": self.head(self.norm(x.mean(1)))}

@@ -23,14 +23,9 @@ class D2vTextClassifier(FinetuneModel):
     OVERRIDES = {**FinetuneModel.OVERRIDES, "dropout": ("encoder_dropout", "post_mlp_dropout", "text_dropout")}
 
     def __init__(self, cfg: D2vTextClassifierConfig, encoder: Data2Vec, num_outputs: int):
-        super().__init__()
-        self.cfg = cfg
-        self.encoder = encoder
+        super().__init__(cfg, encoder)
         D = encoder.cfg.embed_dim
         self.head = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Dropout(cfg.pooler_dropout), nn.Linear(D, num_outputs))
-        self.num_updates = 0
-        if cfg.layer_decay < 1.0:
-            self.set_layer_decay(cfg.layer_decay)
 
     @classmethod
     def build_model(cls, cfg: D2vTextClassifierConfig, task) -> "D2vTextClassifier":

@@ -9,10 +9,10 @@ from typing import Any, Dict, Tuple
 from fairseq import checkpoint_utils
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 
 from ..modules.data2vec import Data2Vec
-from .config import D2vMultiConfig
+from .config import D2vMultiConfig, set_cfg_field
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +70,6 @@ def read_pretrained(path: str, modality: str) -> Dict[str, Any]:
     return {"model": model_cfg, "task": task, "state": ckpt["model"]}
 
 
-def store_pretrained_args(cfg, args: Dict[str, Any]) -> None:
-    """Record the pretrained config in a model config (DictConfig or dataclass). fairseq
-    builds models from a merged copy of ``cfg.model``, so the task stores it again in the
-    node it was given: that one is saved with the checkpoint."""
-    if isinstance(cfg, DictConfig):
-        with open_dict(cfg):
-            cfg.pretrained_args = args
-    else:
-        cfg.pretrained_args = args
-
-
 class FinetuneModel(BaseFairseqModel):
     """A pretrained ``Data2Vec`` encoder (``self.encoder``) plus a task head."""
 
@@ -93,6 +82,15 @@ class FinetuneModel(BaseFairseqModel):
         "layerdrop": ("layerdrop",),
         "drop_path": ("drop_path",),
     }
+
+    def __init__(self, cfg, encoder: Data2Vec):
+        """Subclasses add their head; ``layer_decay`` < 1 tags the encoder's parameters."""
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = encoder
+        self.num_updates = 0
+        if cfg.layer_decay < 1.0:
+            self.set_layer_decay(cfg.layer_decay)
 
     @classmethod
     def encoder_config(cls, pretrained_model: Dict[str, Any], cfg) -> D2vMultiConfig:
@@ -112,7 +110,7 @@ class FinetuneModel(BaseFairseqModel):
             if not cfg.pretrained_path:
                 raise PretrainedCheckpointError(f"set model.pretrained_path to a d2v_plugin {cls.MODALITY} pretraining checkpoint")
             loaded = read_pretrained(cfg.pretrained_path, cls.MODALITY)
-            store_pretrained_args(cfg, {"model": loaded["model"], "task": loaded["task"]})
+            set_cfg_field(cfg, "pretrained_args", {"model": loaded["model"], "task": loaded["task"]})
         args = cfg.pretrained_args
         args = OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else args
         encoder = Data2Vec(cls.encoder_config(args["model"], cfg))

@@ -13,10 +13,9 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.audio import AudioDataError, LabelledAudioDataset
-from ..models.pretrained import store_pretrained_args
 from ..modules.ctc import ctc_best_path
 from ..modules.feature_extractor import conv_output_lengths, receptive_field
-from .base import NoDictionaryTask, unwrap
+from .base import FinetuneTaskMixin, NoDictionaryTask, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +59,7 @@ class CTCGenerator:
 
 
 @register_task("d2v_asr_finetuning", dataclass=D2vAsrFinetuningConfig)
-class D2vAsrFinetuningTask(NoDictionaryTask, FairseqTask):
+class D2vAsrFinetuningTask(FinetuneTaskMixin, NoDictionaryTask, FairseqTask):
     cfg: D2vAsrFinetuningConfig
 
     def __init__(self, cfg: D2vAsrFinetuningConfig, dictionary: Dictionary):
@@ -88,8 +87,6 @@ class D2vAsrFinetuningTask(NoDictionaryTask, FairseqTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        if getattr(cfg, "pretrained_args", None) is None:  # keep it in the config fairseq saves with checkpoints
-            store_pretrained_args(cfg, unwrap(model).cfg.pretrained_args)
         normalize = getattr(model, "pretrained_normalize", self.cfg.normalize)
         if normalize != self.cfg.normalize:
             raise ValueError(

@@ -10,7 +10,7 @@ from omegaconf import II, MISSING
 
 from ..data.audio import AudioDataError, AudioPretrainDataset
 from ..modules.feature_extractor import receptive_field
-from .base import EMAStepMixin, NoDictionaryTask
+from .base import EMAStepMixin, NoDictionaryTask, WorkerMasksMixin
 
 logger = logging.getLogger(__name__)
 
@@ -36,15 +36,11 @@ class D2vAudioPretrainingConfig(FairseqDataclass):
 
 
 @register_task("d2v_audio_pretraining", dataclass=D2vAudioPretrainingConfig)
-class D2vAudioPretrainingTask(EMAStepMixin, NoDictionaryTask, FairseqTask):
+class D2vAudioPretrainingTask(EMAStepMixin, WorkerMasksMixin, NoDictionaryTask, FairseqTask):
     """Reads wav2vec manifests; the collater crops and draws the model's masks in the
     data workers once the model is built."""
 
     cfg: D2vAudioPretrainingConfig
-
-    def __init__(self, cfg: D2vAudioPretrainingConfig):
-        super().__init__(cfg)
-        self.masking = None
 
     @classmethod
     def setup_task(cls, cfg: D2vAudioPretrainingConfig, **kwargs):
@@ -57,8 +53,7 @@ class D2vAudioPretrainingTask(EMAStepMixin, NoDictionaryTask, FairseqTask):
             os.path.join(self.cfg.data, f"{split}.tsv"), self.cfg.sample_rate, self.cfg.max_sample_size,
             self.cfg.min_sample_size, self.cfg.normalize, self.cfg.pad, self.cfg.seed,
         )
-        if self.masking is not None:
-            ds.set_masking(*self.masking)
+        self.attach_masking(ds)
         self.datasets[split] = ds
         return ds
 
@@ -73,7 +68,5 @@ class D2vAudioPretrainingTask(EMAStepMixin, NoDictionaryTask, FairseqTask):
                     f"task.min_sample_size={self.cfg.min_sample_size} is shorter than the feature extractor's "
                     f"receptive field ({field_} samples); raise it to at least {field_}"
                 )
-            self.masking = (enc.spec, enc.masking)
-            for ds in self.datasets.values():
-                ds.set_masking(*self.masking)
+            self.share_masking(enc.spec, enc.masking)
         return model

@@ -1,7 +1,10 @@
-"""What every d2v task shares: the teacher's EMA step after each optimizer update."""
+"""What the d2v tasks share: the teacher's EMA step after each optimizer update, the
+fine-tuning tasks' record of the pretrained config, tasks without dictionaries."""
 from __future__ import annotations
 
 import torch.nn as nn
+
+from ..models.config import set_cfg_field
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -21,6 +24,35 @@ class EMAStepMixin:
         inner = unwrap(model)
         if hasattr(inner, "ema_step"):
             inner.ema_step(update_num + 1)
+
+
+class WorkerMasksMixin:
+    """Pretraining tasks draw the model's masks in the data workers: once the model is
+    built, its mask settings go to every dataset loaded so far and to later ones."""
+
+    masking: tuple = ()
+
+    def share_masking(self, *settings) -> None:
+        """settings: the arguments of the datasets' ``set_masking``."""
+        self.masking = settings
+        for ds in self.datasets.values():
+            ds.set_masking(*settings)
+
+    def attach_masking(self, ds) -> None:
+        if self.masking:
+            ds.set_masking(*self.masking)
+
+
+class FinetuneTaskMixin:
+    """fairseq builds a model from a merged copy of ``cfg.model``; the pretrained config the
+    fine-tuning model recorded on its copy is stored again in the node the task was given,
+    the one fairseq saves with checkpoints, so reloads never need the pretraining file."""
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        if getattr(cfg, "pretrained_args", None) is None:
+            set_cfg_field(cfg, "pretrained_args", unwrap(model).cfg.pretrained_args)
+        return model
 
 
 class NoDictionaryTask:

@@ -15,8 +15,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.image import ImageDataError, ImageDataset
-from ..models.pretrained import store_pretrained_args
-from .base import EMAStepMixin, NoDictionaryTask, unwrap
+from .base import EMAStepMixin, FinetuneTaskMixin, NoDictionaryTask, WorkerMasksMixin, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -39,18 +38,15 @@ def image_encoder(model):
     return (inner.modality_encoders if hasattr(inner, "modality_encoders") else inner.encoder.modality_encoders)["image"]
 
 
-class ImageTask(NoDictionaryTask, FairseqTask):
+class ImageTask(WorkerMasksMixin, NoDictionaryTask, FairseqTask):
     labels: List[str] = None
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
         ds = ImageDataset(os.path.join(self.cfg.data, f"{split}.tsv"), self.cfg.input_size, train=split == self.cfg.train_subset,
                           seed=self.cfg.seed, labels=self.labels, min_crop_scale=self.cfg.min_crop_scale)
         self.datasets[split] = ds
-        self.setup_dataset(ds)
+        self.attach_masking(ds)
         return ds
-
-    def setup_dataset(self, ds: ImageDataset) -> None:
-        pass
 
     def check_size(self, model) -> None:
         enc = image_encoder(model)
@@ -60,14 +56,9 @@ class ImageTask(NoDictionaryTask, FairseqTask):
                                  f"set task.input_size={side} (or the model's image size)")
 
 
-
 @register_task("d2v_image_pretraining", dataclass=D2vImageTaskConfig)
 class D2vImagePretrainingTask(EMAStepMixin, ImageTask):
     """Image folders for data2vec pretraining; masks are drawn in the data workers."""
-
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        self.masking = None
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
@@ -75,23 +66,17 @@ class D2vImagePretrainingTask(EMAStepMixin, ImageTask):
             raise ImageDataError(f"task.data={cfg.data!r} is not a directory; point it at the folder with train.tsv/valid.tsv")
         return cls(cfg)
 
-    def setup_dataset(self, ds: ImageDataset) -> None:
-        if self.masking is not None:
-            ds.set_masking(self.masking)
-
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         if "image" not in getattr(unwrap(model), "modality_encoders", {}):
             raise ValueError("d2v_image_pretraining needs a model with an image encoder (model.modalities=image)")
         self.check_size(model)
-        self.masking = image_encoder(model).masking
-        for ds in self.datasets.values():
-            ds.set_masking(self.masking)
+        self.share_masking(image_encoder(model).masking)
         return model
 
 
 @register_task("d2v_image_classification", dataclass=D2vImageTaskConfig)
-class D2vImageClassificationTask(ImageTask):
+class D2vImageClassificationTask(FinetuneTaskMixin, ImageTask):
     """Labelled image folders (class sub-folders, labels.txt) for fine-tuning and ``fairseq-validate``."""
 
     def __init__(self, cfg, labels: List[str]):
@@ -111,7 +96,5 @@ class D2vImageClassificationTask(ImageTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        if getattr(cfg, "pretrained_args", None) is None:  # keep it in the config fairseq saves with checkpoints
-            store_pretrained_args(cfg, unwrap(model).cfg.pretrained_args)
         self.check_size(model)
         return model

@@ -14,10 +14,11 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING, DictConfig, open_dict
+from omegaconf import II, MISSING
 
 from ..data.text import TextBlockDataset, TextDataError
-from .base import EMAStepMixin, unwrap
+from ..models.config import set_cfg_field
+from .base import EMAStepMixin, FinetuneTaskMixin, WorkerMasksMixin, unwrap
 
 logger = logging.getLogger(__name__)
 BREAK_MODE = ChoiceEnum(["none", "complete", "complete_doc", "eos"])
@@ -33,14 +34,6 @@ class D2vTextPretrainingConfig(FairseqDataclass):
     seed: int = field(default=II("common.seed"), metadata={"help": "seed of the batch order and masks (common.seed)"})
 
 
-def set_model_field(cfg, name: str, value) -> None:
-    if isinstance(cfg, DictConfig):
-        with open_dict(cfg):
-            setattr(cfg, name, value)
-    else:
-        setattr(cfg, name, value)
-
-
 class TokenTask(FairseqTask):
     """A task over the tokens of one dictionary (``self.dictionary``)."""
 
@@ -54,11 +47,10 @@ class TokenTask(FairseqTask):
 
 
 @register_task("d2v_text_pretraining", dataclass=D2vTextPretrainingConfig)
-class D2vTextPretrainingTask(EMAStepMixin, TokenTask):
+class D2vTextPretrainingTask(EMAStepMixin, WorkerMasksMixin, TokenTask):
     def __init__(self, cfg: D2vTextPretrainingConfig, dictionary: Dictionary):
         super().__init__(cfg)
         self.dictionary = dictionary
-        self.masking = None
         spm = os.path.join(cfg.data, "spm.model")
         self.spm_model = open(spm, "rb").read() if os.path.isfile(spm) else b""
 
@@ -74,14 +66,13 @@ class D2vTextPretrainingTask(EMAStepMixin, TokenTask):
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
         ds = TextBlockDataset(os.path.join(self.cfg.data, split), self.dictionary, self.cfg.tokens_per_sample,
                               self.cfg.sample_break_mode, self.cfg.seed)
-        if self.masking is not None:
-            ds.set_masking(self.masking)
+        self.attach_masking(ds)
         self.datasets[split] = ds
         return ds
 
     def build_model(self, cfg, from_checkpoint=False):
-        set_model_field(cfg, "text_vocab_size", len(self.dictionary))
-        set_model_field(cfg, "text_pad_index", self.dictionary.pad())
+        set_cfg_field(cfg, "text_vocab_size", len(self.dictionary))
+        set_cfg_field(cfg, "text_pad_index", self.dictionary.pad())
         model = super().build_model(cfg, from_checkpoint)
         encoders = getattr(unwrap(model), "modality_encoders", {})
         if "text" not in encoders:
@@ -89,9 +80,7 @@ class D2vTextPretrainingTask(EMAStepMixin, TokenTask):
         if encoders["text"].max_positions < self.cfg.tokens_per_sample:
             raise ValueError(f"task.tokens_per_sample={self.cfg.tokens_per_sample} exceeds model.text_max_positions="
                              f"{encoders['text'].max_positions}; lower the first or raise the second")
-        self.masking = encoders["text"].masking
-        for ds in self.datasets.values():
-            ds.set_masking(self.masking)
+        self.share_masking(encoders["text"].masking)
         return model
 
     def state_dict(self):
@@ -116,7 +105,7 @@ class D2vTextClassificationConfig(FairseqDataclass):
 
 
 @register_task("d2v_text_classification", dataclass=D2vTextClassificationConfig)
-class D2vTextClassificationTask(TokenTask):
+class D2vTextClassificationTask(FinetuneTaskMixin, TokenTask):
     """Sentence (pair) classification or regression (``labels.txt`` empty) for fine-tuning and ``fairseq-validate``."""
 
     def __init__(self, cfg: D2vTextClassificationConfig, dictionary: Dictionary, labels):
@@ -143,11 +132,7 @@ class D2vTextClassificationTask(TokenTask):
         return self.datasets[split]
 
     def build_model(self, cfg, from_checkpoint=False):
-        from ..models.pretrained import store_pretrained_args
-
         model = super().build_model(cfg, from_checkpoint)
-        if getattr(cfg, "pretrained_args", None) is None:
-            store_pretrained_args(cfg, unwrap(model).cfg.pretrained_args)
         vocab = unwrap(model).encoder.cfg.text_vocab_size
         if vocab != len(self.dictionary):
             raise ValueError(f"the pretrained model has {vocab} tokens but {self.cfg.data}/dict.txt gives {len(self.dictionary)}; "
