@@ -85,6 +85,7 @@ class AudioPretrainDataset(ListedFilesDataset):
         self.max_sample_size, self.min_sample_size, self.seed, self.shuffle = max_sample_size, min_sample_size, seed, shuffle
         root, entries = read_manifest(manifest)
         self.check_exist(manifest, root, entries, AudioDataError, "audio_manifest")
+        self.num_entries = len(entries)  # before any skip: label files line up with all entries
         self.root = root
         self.files = [e[0] for e in entries]
         self.lines = [e[2] for e in entries]  # manifest line numbers, for error messages
@@ -180,9 +181,8 @@ class LabelledAudioDataset(AudioPretrainDataset):
                                  "`python -m d2v_plugin.prep.asr_labels TRANSCRIPTS --manifest-dir DIR`")
         with open(labels_path, encoding="utf-8") as f:
             lines = f.read().splitlines()
-        n_entries = len(read_manifest(manifest)[1])
-        if len(lines) != n_entries:
-            raise AudioDataError(f"{labels_path} has {len(lines)} lines but {manifest} lists {n_entries} files; "
+        if len(lines) != self.num_entries:
+            raise AudioDataError(f"{labels_path} has {len(lines)} lines but {manifest} lists {self.num_entries} files; "
                                  "re-run d2v_plugin.prep.asr_labels so they line up")
         self.labels = []
         for i in self.entry_ids:

@@ -7,6 +7,8 @@ model's masks drawn in the data workers.
 """
 from __future__ import annotations
 
+import logging
+import os
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -15,6 +17,8 @@ from fairseq.data import FairseqDataset, PrependTokenDataset, TokenBlockDataset,
 
 from ..modules.masking import MaskSettings, seeded_generator
 from .base import CompleteBatches
+
+logger = logging.getLogger(__name__)
 
 
 class TextDataError(ValueError):
@@ -90,9 +94,6 @@ class SentenceDataset(SizedSamples):
     def __init__(self, data: str, split: str, dictionary, max_positions: int, regression: bool, shuffle: bool = True,
                  seed: int = 1):
         super().__init__()
-        import logging
-        import os
-
         self.inputs = []
         for k in range(2):
             folder = os.path.join(data, f"input{k}")
@@ -112,7 +113,7 @@ class SentenceDataset(SizedSamples):
         self.sizes = np.minimum(full, max_positions)
         cut = int((full > max_positions).sum())
         if cut:
-            logging.getLogger(__name__).warning("%s/%s: %d of %d samples longer than %d tokens are cut", data, split, cut,
+            logger.warning("%s/%s: %d of %d samples longer than %d tokens are cut", data, split, cut,
                                                 len(full), max_positions)
         self.bos, self.eos, self.pad = dictionary.bos(), dictionary.eos(), dictionary.pad()
         self.max_positions, self.shuffle, self.seed, self.epoch = max_positions, shuffle, seed, 1

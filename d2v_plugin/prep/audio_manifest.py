@@ -13,10 +13,11 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 from typing import List, Optional, Tuple
 
 import soundfile as sf
+
+from . import write_rejected
 
 EXTENSIONS = ("wav", "flac", "ogg")
 
@@ -79,10 +80,7 @@ def write_manifests(root: str, dest: str, valid_percent: float, sample_rate: int
     for split, rows in splits.items():
         with open(os.path.join(dest, f"{split}.tsv"), "w", encoding="utf-8") as f:
             f.write(root + "\n" + "".join(f"{rel}\t{n}\n" for rel, n in rows))
-    with open(os.path.join(dest, "rejected.tsv"), "w", encoding="utf-8") as f:
-        f.write("".join(f"{p}\t{r}\n" for p, r in rejected))
-    for p, r in rejected:
-        print(f"rejected {p}: {r}", file=sys.stderr)
+    write_rejected(dest, rejected)
     return {split: len(rows) for split, rows in splits.items()} | {"rejected": len(rejected)}
 
 

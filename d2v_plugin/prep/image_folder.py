@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 from collections import defaultdict
 from typing import Dict, List, Optional, Tuple
+
+from . import write_rejected
 
 EXTENSIONS = ("jpg", "jpeg", "png", "bmp", "gif", "webp", "tif", "tiff")
 
@@ -91,10 +92,7 @@ def write_lists(root: str, dest: str, labelled: Optional[int] = None, seed: int 
         with open(os.path.join(dest, "labelled.tsv"), "w", encoding="utf-8") as f:
             f.write(os.path.join(root, "train") + "\n" + "".join(f"{rel}\t{lab}\n" for rel, lab in sorted(picked)))
         counts["labelled"] = len(picked)
-    with open(os.path.join(dest, "rejected.tsv"), "w", encoding="utf-8") as f:
-        f.write("".join(f"{p}\t{r}\n" for p, r in rejected_all))
-    for p, r in rejected_all:
-        print(f"rejected {p}: {r}", file=sys.stderr)
+    write_rejected(dest, rejected_all)
     return counts | {"classes": len(classes), "rejected": len(rejected_all)}
 
 

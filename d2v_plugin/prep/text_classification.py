@@ -23,7 +23,7 @@ from typing import Dict, List, Optional, Tuple
 Row = Tuple[List[str], str, int]  # sentences, label, line number
 
 
-def read_rows(path: str, split: str) -> Tuple[List[Row], List[str]]:
+def read_rows(path: str) -> Tuple[List[Row], List[str]]:
     rows, skipped, width = [], [], None
     with open(path, "rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -73,7 +73,7 @@ def prepare(splits: Dict[str, str], text_data: str, dest: str, regression: bool 
     shutil.copy(dictionary, os.path.join(dest, "dict.txt"))
     data, skipped = {}, []
     for split, path in splits.items():
-        data[split], bad = read_rows(path, split)
+        data[split], bad = read_rows(path)
         skipped += bad
     classes: Optional[List[str]] = None if regression else sorted({row[1] for row in data["train"]})
     counts = {}
