@@ -1,5 +1,6 @@
 """What the three demo stories share: running fairseq's binaries, pretraining once, and
 fine-tuning the same architecture from the pretrained checkpoint and from scratch."""
+import functools
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ def sh(cmd, log=None):
     return proc.stdout
 
 
+@functools.lru_cache(maxsize=None)
 def user_dir():
     return sh([PY, "-m", "d2v_plugin.userdir"]).strip().splitlines()[-1]
 
@@ -81,3 +83,11 @@ def curve_text(curve):
 
 def loss_fell(curve):
     return len(curve) >= 2 and curve[-1][1] < curve[0][1]
+
+
+def fairseq_validate(data, task, ckpt, subset, batch_size, log):
+    """fairseq-validate on one split -> {metric: value} of its summary line."""
+    out = sh([f"{BIN}/fairseq-validate", data, "--user-dir", user_dir(), "--task", task, "--path", ckpt,
+              "--valid-subset", subset, "--batch-size", str(batch_size), "--num-workers", "0"], log=log)
+    line = [x for x in out.splitlines() if f"valid on '{subset}' subset" in x][-1]
+    return {k: float(v) for k, v in re.findall(r"\| (\w+) (-?[\d.]+)", line)}

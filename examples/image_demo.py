@@ -11,19 +11,10 @@
 import argparse
 import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_common import BIN, PRETRAINED, PY, compare, curve_text, finetune_runs, loss_fell, pretrain, sh, user_dir  # noqa: E402
-
-
-def validate(lists, ckpt, plugin, log):
-    out = sh([f"{BIN}/fairseq-validate", lists, "--user-dir", plugin, "--task", "d2v_image_classification", "--path", ckpt,
-              "--valid-subset", "valid", "--batch-size", "128", "--num-workers", "0"], log=log)
-    line = [x for x in out.splitlines() if "valid on 'valid' subset" in x][-1]
-    get = lambda k: float(re.search(rf"\| {k} ([\d.]+)", line).group(1))  # noqa: E731
-    return get("top1"), get("top5"), int(get("nsentences"))
+from demo_common import PRETRAINED, PY, compare, curve_text, fairseq_validate, finetune_runs, loss_fell, pretrain, sh  # noqa: E402
 
 
 def main():
@@ -45,8 +36,8 @@ def main():
     pretrained, pt_min, curve = pretrain(work, "image", "config/pretrain/image", lists, a.seed, a.updates)
 
     def evaluate(ckpt, log):
-        top1, top5, n = validate(lists, ckpt, user_dir(), log)
-        return {"valid_top1": top1, "valid_top5": top5, "images": n}
+        m = fairseq_validate(lists, "d2v_image_classification", ckpt, "valid", 128, log)
+        return {"valid_top1": m["top1"], "valid_top5": m["top5"], "images": int(m["nsentences"])}
 
     results = finetune_runs(work, "image", "config/finetune/image", lists, pretrained, a.seed, compare(a), evaluate,
                             "dataset.train_subset=labelled")

@@ -11,19 +11,10 @@
 import argparse
 import json
 import os
-import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_common import BIN, PY, compare, curve_text, finetune_runs, loss_fell, pretrain, sh, user_dir  # noqa: E402
-
-
-def validate(data, ckpt, plugin, log):
-    out = sh([f"{BIN}/fairseq-validate", data, "--user-dir", plugin, "--task", "d2v_text_classification", "--path", ckpt,
-              "--valid-subset", "test", "--batch-size", "64", "--num-workers", "0"], log=log)
-    line = [x for x in out.splitlines() if "valid on 'test' subset" in x][-1]
-    get = lambda k: float(re.search(rf"\| {k} (-?[\d.]+)", line).group(1))  # noqa: E731
-    return get("top1"), get("f1"), get("mcc"), int(get("nsentences"))
+from demo_common import PY, compare, curve_text, fairseq_validate, finetune_runs, loss_fell, pretrain, sh  # noqa: E402
 
 
 def main():
@@ -50,8 +41,8 @@ def main():
     pretrained, pt_min, curve = pretrain(work, "text", "config/pretrain/text", data, a.seed, a.updates)
 
     def evaluate(ckpt, log):
-        acc, f1, mcc, n = validate(cls, ckpt, user_dir(), log)
-        return {"test_acc": acc, "test_f1": f1, "test_mcc": mcc, "sentences": n}
+        m = fairseq_validate(cls, "d2v_text_classification", ckpt, "test", 64, log)
+        return {"test_acc": m["top1"], "test_f1": m["f1"], "test_mcc": m["mcc"], "sentences": int(m["nsentences"])}
 
     results = finetune_runs(work, "text", "config/finetune/text", cls, pretrained, a.seed, compare(a), evaluate)
 
