@@ -1,7 +1,7 @@
 """Map official fairseq data2vec weights and configs onto ``d2v_multi``.
 
-Families: ``data2vec2`` (``data2vec_multi``, speech, images or text) and ``data2vec1_audio``
-(``data2vec_audio``). The converted config sets ``padding_aware=false`` so a converted
+Families: ``data2vec2`` (``data2vec_multi``, speech, images or text), ``data2vec1_audio``
+(``data2vec_audio``) and ``data2vec1_text`` (``data2vec_text``). The converted config sets ``padding_aware=false`` so a converted
 model computes exactly what the official code computes.
 """
 from __future__ import annotations
@@ -46,21 +46,34 @@ V2_AUDIO_RULES: Rules = _conv_extractor_rules("modality_encoders.AUDIO.local_enc
     (r"^blocks\.", "blocks."),
 ]
 
-V1_AUDIO_RULES: Rules = _conv_extractor_rules("feature_extractor.") + [
+def _fairseq_layer_rules(official_prefix: str) -> Rules:
+    """Post-LN fairseq encoder layers (MultiheadAttention with separate q/k/v) -> shared blocks."""
+    src = "^" + re.escape(official_prefix) + r"layers\.(\d+)\."
+    return [
+        (src + r"self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
+        (src + r"self_attn\.([qkv])_proj\.", r"blocks.\1.attn.\2_proj."),  # fused below
+        (src + r"self_attn_layer_norm\.", r"blocks.\1.norm1."),
+        (src + r"fc1\.", r"blocks.\1.mlp.fc1."),
+        (src + r"fc2\.", r"blocks.\1.mlp.fc2."),
+        (src + r"final_layer_norm\.", r"blocks.\1.norm2."),
+    ]
+
+
+V1_AUDIO_RULES: Rules = _conv_extractor_rules("feature_extractor.") + _fairseq_layer_rules("encoder.") + [
     (r"^mask_emb$", _AUDIO + "mask_emb"),
     (r"^layer_norm\.", _AUDIO + "project.norm."),
     (r"^post_extract_proj\.", _AUDIO + "project.linear."),
     (r"^encoder\.pos_conv\.(\d+)\.0\.", _AUDIO + r"pos_conv.layers.\1."),
     (r"^encoder\.layer_norm\.", _AUDIO + "context.norm."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.out_proj\.", r"blocks.\1.attn.proj."),
-    (r"^encoder\.layers\.(\d+)\.self_attn\.([qkv])_proj\.", r"blocks.\1.attn.\2_proj."),  # fused below
-    (r"^encoder\.layers\.(\d+)\.self_attn_layer_norm\.", r"blocks.\1.norm1."),
-    (r"^encoder\.layers\.(\d+)\.fc1\.", r"blocks.\1.mlp.fc1."),
-    (r"^encoder\.layers\.(\d+)\.fc2\.", r"blocks.\1.mlp.fc2."),
-    (r"^encoder\.layers\.(\d+)\.final_layer_norm\.", r"blocks.\1.norm2."),
     (r"^final_proj\.", "final_proj."),
 ]
 
+V1_TEXT_RULES: Rules = _fairseq_layer_rules("encoder.sentence_encoder.") + [
+    (r"^encoder\.sentence_encoder\.(embed_tokens|embed_positions|layernorm_embedding)\.", _TEXT + r"\1."),
+    (r"^encoder\.regression_head\.", "final_proj."),
+]
+
+FAMILIES = ("data2vec2", "data2vec1_audio", "data2vec1_text")
 IGNORED = re.compile(r"(^|\.)version$|^_ema$|^encoder\._ema$")
 
 
@@ -98,11 +111,16 @@ def convert_state_dict(sd: Dict, family: str) -> Dict:
         rules, ema_prefix = V2_AUDIO_RULES, "blocks." if text_teacher else ""
     elif family == "data2vec1_audio":
         rules, ema_prefix = V1_AUDIO_RULES, "encoder."  # v1 teacher keys are relative to the encoder
+    elif family == "data2vec1_text":
+        rules, ema_prefix = V1_TEXT_RULES, "encoder.sentence_encoder."
     else:
-        raise ValueError(f"unsupported checkpoint family {family!r} (supported: data2vec2, data2vec1_audio)")
+        raise ValueError(f"unsupported checkpoint family {family!r} (supported: {', '.join(FAMILIES)})")
     out = _convert(sd, rules)
-    if sd.get("_ema") is not None:
-        out["_ema"] = _convert(sd["_ema"], rules, ema_prefix)
+    if family == "data2vec1_text" and "final_proj.0.weight" in out and "final_proj.2.weight" not in out:
+        out = {re.sub(r"^final_proj\.0\.", "final_proj.", k): v for k, v in out.items()}  # head_layers 1: one Linear
+    ema = sd.get("_ema", sd.get("encoder._ema"))
+    if ema is not None:
+        out["_ema"] = _convert(ema, rules, ema_prefix)
     return out
 
 
@@ -136,6 +154,8 @@ def convert_config(c: Dict, family: str, vocab_size: int = 0) -> Dict:
         return build(c)
     if family == "data2vec1_audio":
         return _v1_audio_config(c)
+    if family == "data2vec1_text":
+        return _v1_text_config(c, vocab_size)
     raise ValueError(f"unsupported config family {family!r}")
 
 
@@ -228,4 +248,32 @@ def _v1_audio_config(c: Dict) -> Dict:
         audio_conv_pos_depth=c["pos_conv_depth"], audio_conv_pos_groups=c["conv_pos_groups"], audio_prenet_depth=0,
         audio_prenet_dropout=c["dropout"], audio_use_alibi=False, audio_mask_type="span",
         audio_mask_prob=c["mask_prob"], audio_mask_length=c["mask_length"], **_loss(c),
+    )
+
+
+def _v1_text_config(c: Dict, vocab_size: int) -> Dict:
+    """data2vec_text (RoBERTa-style post-LN encoder). Masking lives in the official task, so
+    the converted config takes the official base recipe: spans of 4 tokens, p = 0.35, all
+    ``<mask>``; ``<mask>`` is the last dictionary entry (the official task appends it)."""
+    t, e = c["transformer"], c["transformer"]["encoder"]
+    layer, final = _target_norms(c)
+    if e["normalize_before"] or not e["learned_pos"] or not t["no_scale_embedding"] or not t["layernorm_embedding"]:
+        raise ValueError("data2vec 1.0 text checkpoints need post-LN layers, learned positions, no embedding scaling "
+                         "and the embedding LayerNorm (the official base/large settings)")
+    if not c.get("ema_transformer_layers_only", True):
+        raise ValueError("data2vec 1.0 text checkpoints whose teacher averages the embeddings are not supported")
+    if vocab_size <= 0:
+        raise ValueError("converting a text model needs the dictionary size (vocab_size)")
+    return dict(
+        algorithm="v1", modalities="text", depth=e["layers"], embed_dim=e["embed_dim"], num_heads=e["attention_heads"],
+        mlp_ratio=e["ffn_embed_dim"] / e["embed_dim"], norm_eps=1e-5, layer_norm_first=False,
+        encoder_dropout=t["dropout"], attention_dropout=t["attention_dropout"], activation_dropout=t["activation_dropout"],
+        post_mlp_dropout=t["dropout"], dropout_input=0.0, layerdrop=e["layerdrop"], clone_batch=1,
+        average_top_k_layers=c["average_top_k_layers"], target_layer_norm=layer, target_final_norm=final,
+        padding_aware=False, ema_decay=c["ema_decay"], ema_end_decay=c["ema_end_decay"],
+        ema_anneal_end_step=c["ema_anneal_end_step"], head_layers=c["head_layers"],
+        min_target_var=c.get("min_target_var", 0.1), min_pred_var=c.get("min_pred_var", 0.01),
+        text_vocab_size=vocab_size, text_mask_index=vocab_size - 1, text_max_positions=t["max_source_positions"],
+        text_dropout=t["dropout"], text_prenet_depth=0, text_mask_type="span", text_mask_prob=0.35, text_mask_length=4,
+        text_leave_unmasked_prob=0.0, text_random_token_prob=0.0, **_loss(c),
     )

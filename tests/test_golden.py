@@ -1,7 +1,7 @@
 """Parity with the official fairseq data2vec code, on its own recorded outputs.
 
-Every speech fixture (``family`` data2vec2 with an AUDIO encoder, or data2vec1_audio)
-and every image and text fixture of data2vec 2.0 in ``D2V_GOLDEN_DIR``
+Every speech fixture (``family`` data2vec2 with an AUDIO encoder, or data2vec1_audio),
+every image and text fixture of data2vec 2.0 and every data2vec1_text fixture in ``D2V_GOLDEN_DIR``
 (default tests/golden/) is loaded: the official weights are
 mapped onto d2v_multi, the forward is rerun with the stored mask, and every stage is
 compared within 1e-5. The fixtures' README describes each tensor.
@@ -38,16 +38,22 @@ def _is_text_v2(path: Path) -> bool:
     return r.get("family") == "data2vec2" and any(k.startswith("modality_encoders.TEXT.") for k in r["state_dict"])
 
 
+def _is_text_v1(path: Path) -> bool:
+    return torch.load(path, weights_only=True).get("family") == "data2vec1_text"
+
+
 MODEL_FILES = sorted(p for p in GOLDEN_DIR.glob("*.pt") if p.name != "components.pt")
 AUDIO_FIXTURES = [p for p in MODEL_FILES if _is_audio(p)]
 IMAGE_FIXTURES = [p for p in MODEL_FILES if _is_image(p)]
 TEXT_FIXTURES = [p for p in MODEL_FILES if _is_text_v2(p)]
+TEXT_V1_FIXTURES = [p for p in MODEL_FILES if _is_text_v1(p)]
 
 
 def test_fixtures_present():
     assert AUDIO_FIXTURES, f"no speech golden fixture found in {GOLDEN_DIR} (set D2V_GOLDEN_DIR)"
     assert IMAGE_FIXTURES, f"no image golden fixture found in {GOLDEN_DIR} (set D2V_GOLDEN_DIR)"
     assert TEXT_FIXTURES, f"no data2vec 2.0 text golden fixture found in {GOLDEN_DIR} (set D2V_GOLDEN_DIR)"
+    assert TEXT_V1_FIXTURES, f"no data2vec 1.0 text golden fixture found in {GOLDEN_DIR} (set D2V_GOLDEN_DIR)"
 
 
 def close(name, ours, ref, tol=TOL):
@@ -226,6 +232,53 @@ def test_text_v2(path):
     check_ema_step(r, model.train())
 
 
+@pytest.mark.parametrize("path", TEXT_V1_FIXTURES, ids=lambda p: p.name)
+def test_text_v1(path):
+    """BERT-style student input, teacher (EMA layers, copied embeddings) on the clean
+    sentence, 2-layer head, Smooth-L1 loss, eval features, EMA step."""
+    r = torch.load(path, weights_only=True)
+    out, clean, corrupted, mask = r["outputs"], r["inputs"]["target_tokens"], r["inputs"]["src_tokens"], r["mask"]
+    model = build(r)
+    enc = model.modality_encoders["text"]
+    assert enc.mask_index == r["extra"]["mask_index"]
+    seen = {}
+    for name, blocks in (("student", model.blocks), ("teacher", model.teacher.blocks)):
+        for blk in blocks:
+            blk.register_forward_hook(lambda m, i, o, name=name: seen.setdefault(name, []).append(o[0]))
+    model.teacher.modality_encoders["text"].embed_tokens.register_forward_hook(
+        lambda m, i, o: seen.__setitem__("teacher_tokens", i[0]))
+    # the span variant of the fixture: every masked position becomes <mask>
+    assert torch.equal(enc.corrupt(clean, mask), corrupted)
+    feats, pad = enc.local_features(corrupted)
+    # embedding_out is fairseq's forward_embedding, before the encoder zeroes padded positions
+    close("embedding_out", feats, out["embedding_out"].masked_fill(pad.unsqueeze(-1), 0.0))
+    targets, layers = model.forward_teacher("text", *enc.local_features(clean), clean)
+    assert torch.equal(seen["teacher_tokens"], clean), "the v1 teacher must read the clean sentence"
+    for i, (ours, ref) in enumerate(zip(layers, out["teacher_layer_results_tbc"][-len(layers):])):
+        close(f"teacher layer {i}", ours, ref.transpose(0, 1))
+    close("targets", targets, out["targets"])
+    close("targets_masked", targets[mask], out["targets_masked"])
+    pred, _ = model.forward_student("text", feats, pad, mask)
+    for i, (ours, ref) in enumerate(zip(seen["student"], out["student_layer_out_tbc"])):
+        close(f"student layer {i}", ours, ref.transpose(0, 1))
+    close("pred_masked", pred, out["pred_masked"])
+    elementwise = regression_loss(pred, targets[mask], model.cfg.loss, model.cfg.loss_beta, model.cfg.loss_scale)
+    close("loss (elementwise)", elementwise, out["loss_elementwise"])
+    result = model(clean, mask=mask)  # the whole training forward, corruption included
+    ref_loss = out["result"]["losses"]["main"]
+    close("loss", result["losses"]["regression"], ref_loss, tol=TOL * max(1.0, float(ref_loss.abs())))
+    assert result["sample_size"] == int(out["result"]["sample_size"])
+    with torch.no_grad():
+        seen.clear()
+        feats = model.eval().extract_features(clean)
+    close("features.x", feats["x"], out["features_eval"]["x"])
+    inner = out["features_eval"]["inner_states_tbc"]
+    close("features embedding", enc.local_features(clean)[0], inner[0].transpose(0, 1))
+    for i, (ours, ref) in enumerate(zip(seen["student"], inner[1:])):
+        close(f"features layer {i}", ours, ref.transpose(0, 1))
+    check_ema_step(r, model.train())
+
+
 def test_eval_features(fixture):
     r = fixture
     v1 = r["family"] == "data2vec1_audio"
@@ -245,7 +298,8 @@ def test_ema_step(fixture):
 
 
 def check_ema_step(r, model):
-    before = convert_state_dict({**r["state_dict"], "_ema": r["ema_test"]["ema_before"]}, r["family"])["_ema"]
+    ema_key = "encoder._ema" if r["family"] == "data2vec1_text" else "_ema"
+    before = convert_state_dict({**r["state_dict"], ema_key: r["ema_test"]["ema_before"]}, r["family"])["_ema"]
     after = convert_state_dict(r["state_dict"], r["family"])["_ema"]
     model.teacher.load_state_dict(before)
     model.teacher.step(model, r["ema_test"]["decay_used"])

@@ -263,14 +263,26 @@ def test_extract_features_and_remove_pretraining_modules():
 
 
 def test_random_text_mask_is_exact_and_spares_padding_and_ends():
-    from d2v_plugin.modules.masking import random_mask_1d
+    from d2v_plugin.modules.masking import MaskSettings
 
     g = torch.Generator().manual_seed(0)
     lengths = torch.tensor([20, 12, 3])
-    m = random_mask_1d(lengths, 20, 0.5, g)
+    m = MaskSettings("random", 0.5, 1, keep_ends=True)(lengths, 20, g)
     assert m.sum(1).tolist() == [9, 5, 0]  # int((n - 2) * 0.5): <s> and </s> never masked
     for b, n in enumerate(lengths.tolist()):
         assert not m[b, n - 1:].any() and not m[b, 0]
+
+
+def test_text_span_mask_spares_padding_and_ends():
+    from d2v_plugin.modules.masking import MaskSettings
+
+    lengths = torch.tensor([40, 9, 2])
+    for seed in range(20):
+        m = MaskSettings("span", 0.35, 4, keep_ends=True)(lengths, 40, torch.Generator().manual_seed(seed))
+        for b, n in enumerate(lengths.tolist()):
+            assert not m[b, 0] and not m[b, n - 1:].any()
+        assert m[0].sum() >= 4 and m[1].sum() >= 4  # at least one whole span inside <s> ... </s>
+        assert not m[2].any()
 
 
 def test_text_positions_follow_fairseq_convention():

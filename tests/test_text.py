@@ -6,14 +6,15 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
-from d2v_plugin.criterions.classification import f1_score, matthews, pearson
+from d2v_plugin.criterions.classification import f1_score, matthews, pearson, spearman
 from d2v_plugin.prep.text import prepare as prepare_text
 from d2v_plugin.prep.text_classification import prepare as prepare_cls
 from d2v_plugin.userdir import user_dir
 
-from .conftest import BIN, REPO, run
+from .conftest import BIN, REPO, run, tiny_cfg
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,11 @@ def test_metrics_match_hand_values():
     mx, my = sx / n, sy / n
     r = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / (sum((x - mx) ** 2 for x in xs) * sum((y - my) ** 2 for y in ys)) ** 0.5
     assert pearson(n, sx, sy, sxx, syy, sxy) == pytest.approx(r)
+    # ranks of xs: 1 2 3 4; of ys: 1, 2.5, 4, 2.5 (tie) -> r of the ranks
+    rx, ry = [1, 2, 3, 4], [1, 2.5, 4, 2.5]
+    mr = 2.5
+    rho = sum((a - mr) * (b - mr) for a, b in zip(rx, ry)) / (sum((a - mr) ** 2 for a in rx) * sum((b - mr) ** 2 for b in ry)) ** 0.5
+    assert spearman(xs, ys) == pytest.approx(rho) and spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
 
 
 def test_prep_reports_bad_lines(text_corpus, tmp_path, capsys):
@@ -60,17 +66,18 @@ def test_prep_reports_bad_lines(text_corpus, tmp_path, capsys):
     assert (tmp_path / "cls" / "labels.txt").read_text() == "fresh\nrotten\n"
 
 
-def test_pretrain_finetune_validate_with_fairseq_binaries(text_corpus, tmp_path):
+@pytest.mark.parametrize("config", ["tiny_v2", "tiny_v1"])
+def test_pretrain_finetune_validate_with_fairseq_binaries(text_corpus, tmp_path, config):
     data, cls = tmp_path / "data", tmp_path / "cls"
     prepare_text(str(text_corpus / "news.txt"), str(data), vocab_size=400, valid_percent=0.1)
     sent = text_corpus / "sentiment"
     for split, n in (("train", 120), ("valid", 40)):
         (tmp_path / f"{split}.tsv").write_text("".join((sent / f"{split}.tsv").read_text().splitlines(True)[:n]))
     prepare_cls({"train": str(tmp_path / "train.tsv"), "valid": str(tmp_path / "valid.tsv")}, str(data), str(cls))
-    small = ["model.depth=2", "model.embed_dim=32", "model.average_top_k_layers=2", "model.text_decoder_dim=16",
-             "task.tokens_per_sample=32", "dataset.batch_size=4", "dataset.num_workers=0"]
+    small = ["model.depth=2", "model.embed_dim=32", "model.average_top_k_layers=2", "task.tokens_per_sample=32",
+             "dataset.batch_size=4", "dataset.num_workers=0"] + (["model.text_decoder_dim=16"] if config == "tiny_v2" else [])
     log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/pretrain/text"),
-               "--config-name", "tiny_v2", f"task.data={data}", f"common.user_dir={user_dir()}",
+               "--config-name", config, f"task.data={data}", f"common.user_dir={user_dir()}",
                f"checkpoint.save_dir={tmp_path / 'pt'}", f"hydra.run.dir={tmp_path / 'hydra_pt'}", "optimization.max_update=3", *small])
     assert "done training" in log and "target_var" in log
     log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/finetune/text"),
@@ -83,6 +90,22 @@ def test_pretrain_finetune_validate_with_fairseq_binaries(text_corpus, tmp_path)
                           "--valid-subset", "valid", "--batch-size", "16", "--num-workers", "0"], capture_output=True, text=True, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "nsentences 40" in out.stdout + out.stderr and "| top1 " in out.stdout + out.stderr
+    if config == "tiny_v2":  # a regression target (the number of words): Pearson and Spearman in fairseq-validate
+        for split in ("train", "valid"):
+            rows = [line.split("\t")[0] for line in (tmp_path / f"{split}.tsv").read_text().splitlines()]
+            (tmp_path / f"{split}_reg.tsv").write_text("".join(f"{r}\t{len(r.split()) / 10}\n" for r in rows))
+        prepare_cls({"train": str(tmp_path / "train_reg.tsv"), "valid": str(tmp_path / "valid_reg.tsv")}, str(data),
+                    str(tmp_path / "reg"), regression=True)
+        run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/finetune/text"),
+             "--config-name", "tiny", f"task.data={tmp_path / 'reg'}", f"model.pretrained_path={tmp_path / 'pt' / 'checkpoint_last.pt'}",
+             f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'ft_reg'}", f"hydra.run.dir={tmp_path / 'hydra_reg'}",
+             "optimization.max_update=3", "dataset.batch_size=8", "dataset.num_workers=0", "checkpoint.best_checkpoint_metric=loss",
+             "checkpoint.maximize_best_checkpoint_metric=false"])
+        out = subprocess.run([os.path.join(BIN, "fairseq-validate"), str(tmp_path / "reg"), "--user-dir", user_dir(), "--task",
+                              "d2v_text_classification", "--path", str(tmp_path / "ft_reg" / "checkpoint_best.pt"),
+                              "--valid-subset", "valid", "--batch-size", "16", "--num-workers", "0"], capture_output=True, text=True, cwd=REPO)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert re.search(r"\| pearson -?[\d.]+ \| spearman -?[\d.]+", out.stdout + out.stderr), (out.stdout + out.stderr)[-2000:]
 
 
 TEXT_CONFIGS = sorted(glob.glob(os.path.join(REPO, "config", "*", "text", "*.yaml")))
@@ -104,3 +127,52 @@ def test_text_yaml_composes(path):
         merged = OmegaConf.merge(OmegaConf.structured(dc), values)  # unknown keys or wrong types raise
     if pretrain:
         assert y.model.text_max_positions >= merged.tokens_per_sample
+
+
+def tiny_text_model(**overrides):
+    from d2v_plugin.models.d2v_multi import D2vMultiModel
+
+    cfg = dict(modalities="text", algorithm="v1", clone_batch=1, head_layers=2, text_vocab_size=50, text_mask_index=49,
+               text_max_positions=32, text_dropout=0.0, average_top_k_layers=2, target_layer_norm="layer",
+               loss="smooth_l1", loss_beta=4.0, loss_scale=1.0)
+    cfg.update(overrides)
+    return D2vMultiModel(tiny_cfg(**cfg))
+
+
+def test_v1_corruption_is_bert_80_10_10():
+    enc = tiny_text_model().modality_encoders["text"]
+    torch.manual_seed(0)
+    source = torch.randint(4, 49, (200, 30))
+    mask = torch.rand(200, 30) < 0.5
+    out = enc.corrupt(source, mask)
+    assert torch.equal(out[~mask], source[~mask])  # unmasked positions untouched
+    n = int(mask.sum())
+    to_mask = (out[mask] == 49).float().sum() / n
+    changed = ((out[mask] != 49) & (out[mask] != source[mask])).float().sum() / n
+    kept = (out[mask] == source[mask]).float().sum() / n
+    assert abs(to_mask - 0.8) < 0.02 and abs(kept - (0.1 + 0.1 / 45)) < 0.02 and abs(changed - 0.1 * 44 / 45) < 0.02
+    assert out.min() >= 4 and out.max() <= 49  # random words never special tokens
+    span = tiny_text_model(text_leave_unmasked_prob=0.0, text_random_token_prob=0.0).modality_encoders["text"]
+    assert torch.equal(span.corrupt(source, mask), source.masked_fill(mask, 49))
+
+
+def test_v1_student_reads_masks_teacher_reads_clean_sentence():
+    torch.manual_seed(0)
+    model = tiny_text_model().train()
+    seen = {}
+    model.modality_encoders["text"].embed_tokens.register_forward_hook(lambda m, i, o: seen.setdefault("student", []).append(i[0]))
+    model.teacher.modality_encoders["text"].embed_tokens.register_forward_hook(lambda m, i, o: seen.__setitem__("teacher", i[0]))
+    tokens = torch.tensor([[0, 5, 6, 7, 8, 9, 10, 2], [0, 11, 12, 13, 2, 1, 1, 1]])
+    out = model(tokens)
+    mask_input = seen["student"][-1]
+    assert torch.equal(seen["teacher"], tokens)  # not <pad> at unmasked positions (fairseq #4881)
+    assert out["sample_size"] > 0 and (mask_input != tokens).any()
+    assert torch.equal(mask_input[:, 0], tokens[:, 0]) and torch.equal(mask_input[1, 4:], tokens[1, 4:])  # <s>, </s>, pads
+    # the teacher's embeddings are copied at each EMA step, its blocks averaged
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    model.ema_step(1)
+    t_emb = model.teacher.modality_encoders["text"].embed_tokens.weight
+    assert torch.equal(t_emb, model.modality_encoders["text"].embed_tokens.weight)
+    assert not torch.equal(model.teacher.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc1.weight)

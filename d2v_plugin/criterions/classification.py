@@ -1,14 +1,19 @@
 """fairseq adapter: the ``d2v_classification`` criterion — cross-entropy with label
 smoothing and optional mixup / cutmix (images); logs top-1 (and top-5 with more than 5
 classes; F1 and MCC with 2 classes). Regression tasks (``task.regression``): squared
-error, logs Pearson's r. Every logged value is a sum, so distributed runs combine them."""
+error, logs Pearson's r (from sums) and, in single-process validation (``fairseq-validate``,
+validation during one-process training), Spearman's rank correlation over the whole split.
+Every other logged value is a sum, so distributed runs combine them."""
 
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from fairseq import metrics
+from fairseq.logging.meters import ConcatTensorMeter
+from scipy.stats import rankdata
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
 
@@ -67,6 +72,8 @@ class D2vClassificationCriterion(SummedLogsCriterion):
             p, t = pred.detach().double(), y.double()
             log.update(loss=loss.item(), n=B, sx=float(p.sum()), sy=float(t.sum()), sxx=float((p * p).sum()),
                        syy=float((t * t).sum()), sxy=float((p * t).sum()))
+            if not model.training and not (dist.is_initialized() and dist.get_world_size() > 1):
+                log.update(_pred=p.cpu(), _target=t.cpu())  # for Spearman (ranks need the whole split; not summable)
             return loss, B, log
         images = net_input["source"]
         mixing = (model.training and images.dim() == 4 and (self.cfg.mixup_alpha > 0 or self.cfg.cutmix_alpha > 0)
@@ -102,6 +109,11 @@ class D2vClassificationCriterion(SummedLogsCriterion):
         n = total("n")
         if n:
             metrics.log_scalar("pearson", 100.0 * pearson(n, *(total(k) for k in ("sx", "sy", "sxx", "syy", "sxy"))), n, round=2)
+        preds = [log["_pred"] for log in logging_outputs if "_pred" in log]
+        if preds:
+            metrics.log_custom(ConcatTensorMeter, "_pred", torch.cat(preds))
+            metrics.log_custom(ConcatTensorMeter, "_target", torch.cat([log["_target"] for log in logging_outputs]))
+            metrics.log_derived("spearman", lambda m: round(100.0 * spearman(m["_pred"].tensor, m["_target"].tensor), 2))
 
 
 def f1_score(tp: int, fp: int, fn: int) -> float:
@@ -116,3 +128,10 @@ def matthews(tp: int, fp: int, fn: int, tn: int) -> float:
 def pearson(n: float, sx: float, sy: float, sxx: float, syy: float, sxy: float) -> float:
     cov, vx, vy = sxy - sx * sy / n, sxx - sx * sx / n, syy - sy * sy / n
     return cov / (vx * vy) ** 0.5 if vx > 0 and vy > 0 else 0.0
+
+
+def spearman(x, y) -> float:
+    """Spearman's rank correlation: Pearson's r of the ranks (ties get their average rank)."""
+    rx, ry = rankdata(np.asarray(x, dtype=np.float64)), rankdata(np.asarray(y, dtype=np.float64))
+    n = len(rx)
+    return pearson(n, rx.sum(), ry.sum(), (rx * rx).sum(), (ry * ry).sum(), (rx * ry).sum()) if n > 1 else 0.0

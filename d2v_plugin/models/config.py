@@ -144,6 +144,9 @@ class ImageEncoderConfig(FairseqDataclass):
 class TextEncoderConfig(FairseqDataclass):
     text_vocab_size: int = field(default=0, metadata={"help": "dictionary size; set by the text tasks from dict.txt"})
     text_pad_index: int = field(default=1, metadata={"help": "padding token id (fairseq dictionaries: 1)"})
+    text_mask_index: int = field(
+        default=-1, metadata={"help": "id of <mask> (v1 student input); set by the text tasks from the dictionary"}
+    )
     text_max_positions: int = field(default=512, metadata={"help": "longest token sequence (learned positions)"})
     text_dropout: float = field(default=0.1, metadata={"help": "dropout after the embedding LayerNorm"})
     text_prenet_depth: int = field(default=0, metadata={"help": "text-only Transformer blocks before the shared blocks"})
@@ -154,6 +157,13 @@ class TextEncoderConfig(FairseqDataclass):
     text_mask_prob: float = field(default=0.48, metadata={"help": "fraction of tokens masked (v2 base 0.48, large 0.5)"})
     text_mask_length: int = field(default=1, metadata={"help": "span length (random masking: 1)"})
     text_mask_prob_adjust: float = field(default=0.0, metadata={"help": "unused by random masking"})
+    text_leave_unmasked_prob: float = field(
+        default=0.1, metadata={"help": "v1: share of masked positions the student sees unchanged (BERT 0.1; span variant 0)"}
+    )
+    text_random_token_prob: float = field(
+        default=0.1, metadata={"help": "v1: share of masked positions given a random word (BERT 0.1; span variant 0); "
+                                       "the rest become <mask>"}
+    )
     text_ema_encoder_only: bool = field(
         default=True, metadata={"help": "v2: the teacher is an EMA of the shared blocks only, fed the student's embeddings"}
     )
@@ -220,6 +230,9 @@ class D2vMultiConfig(TextEncoderConfig, ImageEncoderConfig, AudioEncoderConfig):
         default=True,
         metadata={"help": "exclude padded positions from target statistics and zero them before the "
                           "positional conv; false reproduces the reference bit for bit"},
+    )
+    head_layers: int = field(
+        default=1, metadata={"help": "v1 regression head: 1 = Linear(D, D) (speech); 2 = Linear(D, 2D), GELU, Linear(2D, D) (text)"}
     )
     loss: LOSS = field(default="l2", metadata={"help": "regression loss: l2 or smooth_l1"})
     loss_beta: float = field(default=1.0, metadata={"help": "Smooth-L1 beta (v1 text: 4); unused by l2"})

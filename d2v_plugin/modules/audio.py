@@ -51,6 +51,7 @@ class AudioEncoder(nn.Module):
         self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads)) if cfg.audio_use_alibi and cfg.audio_alibi_learned_scale else None
         self.zero_padding = algorithm == "v1" or cfg.padding_aware
         self.extra_tokens, self.num_extra, self.cls_loss, self.ema_local_encoder = None, 0, 0.0, False
+        self.ema_copied = ("pos_conv",) if cfg.ema_copy_pos_conv else ()  # data2vec 1.0 copies, not averages
         self.masking = MaskSettings.from_config(cfg, "audio")
         self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if algorithm == "v1" else None
         self.decoder = ConvDecoder.from_config(cfg, "audio") if algorithm == "v2" else None

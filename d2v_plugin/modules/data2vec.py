@@ -32,6 +32,19 @@ ENCODERS = {"audio": AudioEncoder, "image": ImageEncoder, "text": TextEncoder}  
 logger = logging.getLogger(__name__)
 
 
+def regression_head(dim: int, layers: int) -> nn.Module:
+    """data2vec 1.0 prediction head: Linear(D, D) (1 layer), else Linear(D, 2D), then
+    (GELU, Linear(2D, 2D)) x (layers - 2), GELU, Linear(2D, D) (text: 2 layers)."""
+    if layers < 1:
+        raise ValueError(f"head_layers={layers} must be >= 1")
+    if layers == 1:
+        return nn.Linear(dim, dim)
+    mods = [nn.Linear(dim, 2 * dim)]
+    for _ in range(layers - 2):
+        mods += [nn.GELU(), nn.Linear(2 * dim, 2 * dim)]
+    return nn.Sequential(*mods, nn.GELU(), nn.Linear(2 * dim, dim))
+
+
 def init_bert_params(module: nn.Module) -> None:
     """N(0, 0.02) for Linear weights (zero bias), as BERT and the reference."""
     if isinstance(module, nn.Linear):
@@ -56,7 +69,7 @@ class Data2Vec(nn.Module):
         )
         self.blocks = nn.ModuleList(self.make_block(i, cfg.depth) for i in range(cfg.depth))
         self.dropout_input = nn.Dropout(cfg.dropout_input)
-        self.final_proj = nn.Linear(cfg.embed_dim, cfg.embed_dim) if cfg.algorithm == "v1" else None
+        self.final_proj = regression_head(cfg.embed_dim, cfg.head_layers) if cfg.algorithm == "v1" else None
         self.apply(init_bert_params)
         for enc in self.modality_encoders.values():  # default init for the projections, as the reference
             if hasattr(enc, "project"):
@@ -86,7 +99,7 @@ class Data2Vec(nn.Module):
     def make_teacher(self) -> None:
         encoders = nn.ModuleDict({m: enc.teacher_copy() for m, enc in self.modality_encoders.items()})
         copy_prefixes = tuple(
-            f"modality_encoders.{m}.pos_conv." for m, enc in self.modality_encoders.items() if self.cfg.ema_copy_pos_conv
+            f"modality_encoders.{m}.{name}." for m, enc in self.modality_encoders.items() for name in enc.ema_copied
         )
         self.teacher = EMATeacher({"modality_encoders": encoders, "blocks": self.blocks}, copy_prefixes)
 
@@ -113,6 +126,8 @@ class Data2Vec(nn.Module):
         if mask is None:
             mask = enc.masking(enc.frame_lengths(pad, B, T), T).to(feats.device)
         targets, _ = self.forward_teacher(modality, feats, pad, source)  # (B, T, D) fp32
+        if getattr(enc, "corrupts_tokens", False):  # v1 text: the student embeds the corrupted token ids
+            feats, _ = enc.local_features(enc.corrupt(source, mask), padding_mask)
         pred, cls_pred = self.forward_student(modality, feats, pad, mask)  # (N, D), (BM, D) | None
         return self.forward_loss(pred, targets, mask, cls_pred, enc.cls_loss)
 
@@ -145,13 +160,13 @@ class Data2Vec(nn.Module):
     @torch.no_grad()
     def forward_teacher(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], source: Optional[Tensor] = None):
         """feats: (B, T, D) student local features -> targets (B, T, D) fp32 from the top-K
-        FFN outputs. A teacher with its own local encoder (v2 images) embeds ``source``."""
+        FFN outputs. A teacher with its own local encoder (v2 images, v1 text) embeds ``source``."""
         enc = self.teacher.modality_encoders[modality]
         if getattr(enc, "teacher_uses_student_encoder", False):  # v2 text: EMA of the blocks only
             enc = self.modality_encoders[modality]
         K, E = self.cfg.average_top_k_layers, enc.num_extra
         if enc.ema_local_encoder:
-            feats, padding_mask = enc.local_features(source.float(), None)
+            feats, padding_mask = enc.local_features(source.float() if source.is_floating_point() else source, None)
         x = enc.add_positions(feats.detach().float(), padding_mask)
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         _, layer_outputs = self.encode(enc, x, padding_mask, positions, self.teacher.blocks, keep_last=K)
@@ -169,7 +184,8 @@ class Data2Vec(nn.Module):
         if mask.shape != x.shape[:2]:
             raise ValueError(f"mask has shape {tuple(mask.shape)}, expected (batch * clone_batch, frames) = {tuple(x.shape[:2])}")
         if self.algorithm == "v1":
-            x = torch.where(mask.unsqueeze(-1), enc.mask_emb.to(x.dtype), x)
+            if enc.mask_emb is not None:  # (text masks its token ids instead)
+                x = torch.where(mask.unsqueeze(-1), enc.mask_emb.to(x.dtype), x)
             x = enc.add_positions(x, pad)
             positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
             h, _ = self.encode(enc, x, pad, positions, self.blocks)

@@ -60,6 +60,7 @@ class ImageEncoder(nn.Module):
         self.mask_emb = nn.Parameter(torch.zeros(D).normal_(0, 0.02)) if algorithm == "v1" else None
         self.decoder = ConvDecoder.from_config(cfg, "image", self.grid) if algorithm == "v2" else None
         self.ema_local_encoder = cfg.image_ema_local_encoder and algorithm == "v2"  # v1 teachers share it
+        self.ema_copied = ()  # the frozen position table is copied anyway
         self.cls_loss = cfg.image_cls_loss if algorithm == "v2" else 0.0
         self.zero_padding = False
 

@@ -17,8 +17,8 @@ any process. Padding (positions >= a row's length) is never masked.
 * ``beit_mask_2d`` (data2vec 1.0 images, BEiT): rectangles of at least ``min_patches``
   patches with random area and aspect ratio in [0.3, 1/0.3] until ``int(L * p)``
   patches are masked (topped up at random when no rectangle fits any more).
-* ``random_mask_1d`` (data2vec 2.0 text): exactly ``int(n * mask_prob)`` of a sentence's
-  n real tokens (its ``<s>``/``</s>`` excluded), uniformly.
+* ``random_mask_1d`` (data2vec 2.0 text, BERT): exactly ``int(n * mask_prob)`` of a row's n
+  positions, uniformly. Text masks spare a sentence's ``<s>`` and ``</s>`` (``keep_ends``).
 * ``kept_positions``: where the unmasked tokens are, in increasing time order.
 """
 from __future__ import annotations
@@ -27,6 +27,7 @@ import math
 from typing import Optional, Tuple
 
 import torch
+import torch.nn as nn
 from torch import Tensor
 
 
@@ -136,20 +137,13 @@ def beit_mask_2d(
     return mask.view(rows, h * w)
 
 
-def random_mask_1d(
-    lengths: Tensor, num_frames: int, mask_prob: float, generator: Optional[torch.Generator] = None, keep_ends: bool = True
-) -> Tensor:
-    """lengths: (B,) -> (B, num_frames) bool with exactly ``int(n * mask_prob)`` masked of the
-    n maskable positions of each row, chosen uniformly; padding is never masked, nor (with
-    ``keep_ends``) the first and last real position (a sentence's ``<s>`` and ``</s>``)."""
+def random_mask_1d(lengths: Tensor, num_frames: int, mask_prob: float, generator: Optional[torch.Generator] = None) -> Tensor:
+    """lengths: (B,) -> (B, num_frames) bool with exactly ``int(n * mask_prob)`` of the n
+    valid positions of each row masked, chosen uniformly; padding is never masked."""
     mask = torch.zeros(len(lengths), num_frames, dtype=torch.bool)
-    for b, length in enumerate(lengths.tolist()):
-        lo, hi = (1, length - 1) if keep_ends else (0, length)
-        n = hi - lo
-        if n <= 0:
-            continue
-        pick = torch.randperm(n, generator=generator)[: int(n * mask_prob)] + lo
-        mask[b, pick] = True
+    for b, n in enumerate(lengths.tolist()):
+        if n > 0:
+            mask[b, torch.randperm(n, generator=generator)[: int(n * mask_prob)]] = True
     return mask
 
 
@@ -193,13 +187,14 @@ def kept_positions(mask: Tensor) -> Tuple[Tensor, Tensor]:
 class MaskSettings:
     """How one modality draws its masks: kind, prob, length, adjust, and how many masked
     views (``clone_batch``) each sample gets. Sequences (speech, text): ``block`` or
-    ``span``; patch grids (``grid=(h, w)``): ``block``, ``inverse_block`` or ``beit``
-    (``length`` = the smallest BEiT rectangle in patches)."""
+    ``span`` or ``random``, with ``keep_ends`` (text) the first and last valid position of
+    each row (``<s>``, ``</s>``) stay visible; patch grids (``grid=(h, w)``): ``block``,
+    ``inverse_block`` or ``beit`` (``length`` = the smallest BEiT rectangle in patches)."""
 
     KINDS = ("block", "span", "random", "inverse_block", "beit")
 
     def __init__(self, kind: str, prob: float, length: int, adjust: float = 0.0, clone_batch: int = 1,
-                 grid: Optional[Tuple[int, int]] = None):
+                 grid: Optional[Tuple[int, int]] = None, keep_ends: bool = False):
         allowed = ("block", "inverse_block", "beit") if grid is not None else ("block", "span", "random")
         if kind not in allowed:
             raise ValueError(f"mask type {kind!r}: choose one of {allowed}")
@@ -208,12 +203,13 @@ class MaskSettings:
         if length < 1 or clone_batch < 1:
             raise ValueError(f"mask_length={length} and clone_batch={clone_batch} must be >= 1")
         self.kind, self.prob, self.length, self.adjust, self.clone_batch = kind, prob, length, adjust, clone_batch
-        self.grid = grid
+        self.grid, self.keep_ends = grid, keep_ends
 
     @classmethod
     def from_config(cls, cfg, modality: str, grid: Optional[Tuple[int, int]] = None) -> "MaskSettings":
         get = lambda name: getattr(cfg, f"{modality}_{name}")  # noqa: E731
-        return cls(get("mask_type"), get("mask_prob"), get("mask_length"), get("mask_prob_adjust"), cfg.clone_batch, grid)
+        return cls(get("mask_type"), get("mask_prob"), get("mask_length"), get("mask_prob_adjust"), cfg.clone_batch, grid,
+                   keep_ends=modality == "text")
 
     def __call__(self, lengths: Tensor, num_frames: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """lengths: (B,) valid positions per sample -> (B * clone_batch, num_frames) bool;
@@ -226,6 +222,12 @@ class MaskSettings:
                 return beit_mask_2d(len(lengths), self.grid, self.prob, self.length, generator)
             return block_mask_2d(len(lengths), self.grid, self.prob, self.length, self.adjust,
                                  self.kind == "inverse_block", generator)
+        if self.keep_ends:  # mask inside [1, length - 1): positions shift right by one
+            inner = self.draw_1d((lengths - 2).clamp(min=0), num_frames, generator)
+            return nn.functional.pad(inner, (1, 0))[:, :num_frames]
+        return self.draw_1d(lengths, num_frames, generator)
+
+    def draw_1d(self, lengths: Tensor, num_frames: int, generator: Optional[torch.Generator]) -> Tensor:
         if self.kind == "block":
             return block_mask_1d(lengths, num_frames, self.prob, self.length, self.adjust, generator)
         if self.kind == "random":

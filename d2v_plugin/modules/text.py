@@ -7,6 +7,11 @@ i-th non-padding token as row pad + 1 + i (padding uses row pad), fairseq's conv
 data2vec 2.0: random masking of an exact count of real tokens, the student skips them,
 a 1-D conv decoder predicts them, and the teacher is an EMA of the shared blocks only,
 fed the *student's* embeddings and prenet output of the unmasked sentence.
+data2vec 1.0: BERT corruption of the token ids (``corrupt``: masked positions become
+``<mask>``, a random word or stay, 80/10/10 by default; the span variant uses 100 %
+``<mask>``), the student reads the whole corrupted sentence, and the teacher — EMA
+blocks with embeddings *copied* from the student — reads the clean sentence (the
+reference fed it ``<pad>`` at every unmasked position, fairseq #4881).
 """
 from __future__ import annotations
 
@@ -30,7 +35,15 @@ class TextEncoder(nn.Module):
         D = cfg.embed_dim
         if cfg.text_vocab_size <= 0:
             raise ValueError("text_vocab_size is 0: build the model through a text task (it sets the dictionary size)")
-        self.pad = cfg.text_pad_index
+        if algorithm == "v1" and not 0 <= cfg.text_mask_index < cfg.text_vocab_size:
+            raise ValueError(f"text_mask_index={cfg.text_mask_index}: data2vec 1.0 text needs the id of <mask>; "
+                             "build the model through a text task (it sets it from the dictionary)")
+        if algorithm == "v1" and cfg.clone_batch != 1:
+            raise ValueError(f"clone_batch={cfg.clone_batch}: data2vec 1.0 text reads one masked view per sample; set 1")
+        self.pad, self.mask_index = cfg.text_pad_index, cfg.text_mask_index
+        self.leave_unmasked_prob, self.random_token_prob = cfg.text_leave_unmasked_prob, cfg.text_random_token_prob
+        if self.leave_unmasked_prob + self.random_token_prob > 1:
+            raise ValueError("text_leave_unmasked_prob + text_random_token_prob must not exceed 1")
         self.max_positions = cfg.text_max_positions
         self.embed_tokens = nn.Embedding(cfg.text_vocab_size, D, padding_idx=self.pad)
         self.embed_positions = nn.Embedding(cfg.text_max_positions + self.pad + 1, D, padding_idx=self.pad)
@@ -42,9 +55,11 @@ class TextEncoder(nn.Module):
         self.masking = MaskSettings.from_config(cfg, "text")
         self.mask_emb = None
         self.decoder = ConvDecoder.from_config(cfg, "text") if algorithm == "v2" else None
-        self.extra_tokens, self.num_extra, self.cls_loss, self.ema_local_encoder = None, 0, 0.0, False
+        self.extra_tokens, self.num_extra, self.cls_loss = None, 0, 0.0
         self.teacher_uses_student_encoder = algorithm == "v2" and cfg.text_ema_encoder_only
-        self.zero_padding = False
+        # v1: the teacher embeds the clean tokens with copies of the student's embeddings
+        self.ema_local_encoder = self.corrupts_tokens = self.zero_padding = algorithm == "v1"
+        self.ema_copied = ("embed_tokens", "embed_positions", "layernorm_embedding") if algorithm == "v1" else ()
 
     def local_features(self, source: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """source: (B, T) token ids -> (B, T, D), padding (B, T) | None (True = padding)."""
@@ -55,7 +70,21 @@ class TextEncoder(nn.Module):
         positions = torch.cumsum(real, dim=1) * real + self.pad  # (B, T)
         x = self.embed_tokens(source) + self.embed_positions(positions)
         x = self.dropout(self.layernorm_embedding(x))
+        if self.zero_padding:  # v1 (fairseq TransformerEncoder): padded embeddings are zeros
+            x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         return x, (pad if pad.any() else None)
+
+    def corrupt(self, source: Tensor, mask: Tensor) -> Tensor:
+        """data2vec 1.0 / BERT student input. source: (B, T) clean ids, mask: (B, T) True =
+        predicted -> (B, T) ids: each masked position keeps its word with probability
+        ``leave_unmasked_prob``, gets a uniformly random word (ids 4.., fairseq's ``<s> <pad>
+        </s> <unk>`` and ``<mask>`` excluded) with ``random_token_prob``, else ``<mask>``."""
+        u = torch.rand(mask.shape, device=source.device)
+        out = source.masked_fill(mask & (u >= self.leave_unmasked_prob + self.random_token_prob), self.mask_index)
+        swap = mask & (u >= self.leave_unmasked_prob) & (u < self.leave_unmasked_prob + self.random_token_prob)
+        words = torch.randint(4, self.embed_tokens.num_embeddings - 1, mask.shape, device=source.device)
+        words = words + (words >= self.mask_index).long()  # skip <mask>
+        return torch.where(swap, words, out)
 
     def frame_lengths(self, padding_mask: Optional[Tensor], batch: int, num_frames: int) -> Tensor:
         if padding_mask is None:
@@ -69,7 +98,8 @@ class TextEncoder(nn.Module):
         return None
 
     def teacher_copy(self) -> nn.Module:
-        """data2vec 2.0 text: the teacher owns no encoder part (only the shared blocks)."""
+        """data2vec 2.0 text: the teacher owns no encoder part (only the shared blocks);
+        1.0: it owns the embeddings too (copied from the student at every step)."""
         if self.teacher_uses_student_encoder:
             return teacher_view(self, tuple(self._modules), tuple(self._parameters))
         return teacher_view(self, ("decoder",))

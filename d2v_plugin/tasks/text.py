@@ -73,6 +73,7 @@ class D2vTextPretrainingTask(EMAStepMixin, WorkerMasksMixin, TokenTask):
     def build_model(self, cfg, from_checkpoint=False):
         set_cfg_field(cfg, "text_vocab_size", len(self.dictionary))
         set_cfg_field(cfg, "text_pad_index", self.dictionary.pad())
+        set_cfg_field(cfg, "text_mask_index", self.dictionary.index("<mask>"))
         model = super().build_model(cfg, from_checkpoint)
         encoders = getattr(unwrap(model), "modality_encoders", {})
         if "text" not in encoders:
