@@ -85,11 +85,8 @@ def test_pretrain_finetune_validate_with_fairseq_binaries(text_corpus, tmp_path,
                f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'ft'}", f"hydra.run.dir={tmp_path / 'hydra_ft'}",
                "optimization.max_update=3", "dataset.batch_size=8", "dataset.num_workers=0"])
     assert re.search(r"valid on 'valid' subset .*\| top1 [\d.]+ \| f1 [\d.]+ \| mcc", log), log[-2000:]
-    out = subprocess.run([os.path.join(BIN, "fairseq-validate"), str(cls), "--user-dir", user_dir(), "--task",
-                          "d2v_text_classification", "--path", str(tmp_path / "ft" / "checkpoint_best.pt"),
-                          "--valid-subset", "valid", "--batch-size", "16", "--num-workers", "0"], capture_output=True, text=True, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert "nsentences 40" in out.stdout + out.stderr and "| top1 " in out.stdout + out.stderr
+    out = fairseq_validate(cls, tmp_path / "ft" / "checkpoint_best.pt")
+    assert "nsentences 40" in out and "| top1 " in out
     if config == "tiny_v2":  # a regression target (the number of words): Pearson and Spearman in fairseq-validate
         for split in ("train", "valid"):
             rows = [line.split("\t")[0] for line in (tmp_path / f"{split}.tsv").read_text().splitlines()]
@@ -101,11 +98,16 @@ def test_pretrain_finetune_validate_with_fairseq_binaries(text_corpus, tmp_path,
              f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'ft_reg'}", f"hydra.run.dir={tmp_path / 'hydra_reg'}",
              "optimization.max_update=3", "dataset.batch_size=8", "dataset.num_workers=0", "checkpoint.best_checkpoint_metric=loss",
              "checkpoint.maximize_best_checkpoint_metric=false"])
-        out = subprocess.run([os.path.join(BIN, "fairseq-validate"), str(tmp_path / "reg"), "--user-dir", user_dir(), "--task",
-                              "d2v_text_classification", "--path", str(tmp_path / "ft_reg" / "checkpoint_best.pt"),
-                              "--valid-subset", "valid", "--batch-size", "16", "--num-workers", "0"], capture_output=True, text=True, cwd=REPO)
-        assert out.returncode == 0, out.stderr[-3000:]
-        assert re.search(r"\| pearson -?[\d.]+ \| spearman -?[\d.]+", out.stdout + out.stderr), (out.stdout + out.stderr)[-2000:]
+        out = fairseq_validate(tmp_path / "reg", tmp_path / "ft_reg" / "checkpoint_best.pt")
+        assert re.search(r"\| pearson -?[\d.]+ \| spearman -?[\d.]+", out), out[-2000:]
+
+
+def fairseq_validate(data, checkpoint) -> str:
+    out = subprocess.run([os.path.join(BIN, "fairseq-validate"), str(data), "--user-dir", user_dir(), "--task",
+                          "d2v_text_classification", "--path", str(checkpoint), "--valid-subset", "valid", "--batch-size", "16",
+                          "--num-workers", "0"], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout + out.stderr
 
 
 TEXT_CONFIGS = sorted(glob.glob(os.path.join(REPO, "config", "*", "text", "*.yaml")))

@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from fairseq import metrics
-from fairseq.logging.meters import ConcatTensorMeter
-from scipy.stats import rankdata
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
+from fairseq.logging.meters import ConcatTensorMeter
+from scipy.stats import rankdata
 
 from .base import SummedLogsCriterion
 
