@@ -44,12 +44,12 @@ def losses(log):
     return [(int(m.group(2)), float(m.group(1))) for m in re.finditer(r"train_inner\].*?loss=([\d.]+).*?num_updates=(\d+)", text)]
 
 
-def pretrain(work, tag, config_dir, data, seed, updates):
-    """A fresh pretraining run of config_dir/tiny_v2.yaml -> (checkpoint_last.pt, minutes, loss curve)."""
+def pretrain(work, tag, config_dir, data, seed, updates, config="tiny_v2"):
+    """A fresh pretraining run of config_dir/CONFIG.yaml -> (checkpoint_last.pt, minutes, loss curve)."""
     save = f"{work}/ckpt_{tag}_pretrain"
     shutil.rmtree(save, ignore_errors=True)  # a rerun trains afresh instead of resuming a finished run
     log = f"{work}/{tag}_pretrain.log"
-    minutes = hydra_train(config_dir, "tiny_v2", f"{work}/hydra_{tag}_pretrain", log, f"task.data={data}",
+    minutes = hydra_train(config_dir, config, f"{work}/hydra_{tag}_pretrain", log, f"task.data={data}",
                           f"common.user_dir={user_dir()}", f"checkpoint.save_dir={save}", f"common.seed={seed}",
                           f"optimization.max_update={updates}", f"model.ema_anneal_end_step={updates}")
     return f"{save}/checkpoint_last.pt", minutes, losses(log)

