@@ -83,3 +83,72 @@ def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert PathManager.copy(str(src), str(dst), overwrite=True) and torch.load(dst)["update"] == 8
     assert not PathManager.copy(str(src), str(dst))  # no overwrite without overwrite=True
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def modality_run(modality: str, data, tmp_path):
+    """fairseq-hydra-train arguments for a tiny deterministic (no dropout) v2 run of one modality."""
+    from d2v_plugin.userdir import user_dir
+
+    model = dict(depth=2, embed_dim=32, num_heads=4, average_top_k_layers=2, encoder_dropout=0, attention_dropout=0,
+                 post_mlp_dropout=0, layerdrop=0, decoder_input_dropout=0, mask_noise_std=0, dropout_input=0,
+                 ema_sync_check_interval=1, **{f"{modality}_decoder_dim": 16})
+    small = [f"++model.{k}={v}" for k, v in model.items()] + [
+        "dataset.num_workers=0", "optimization.max_update=4", "++checkpoint.save_interval_updates=0",
+        "++dataset.disable_validation=true", "++common.log_interval=1", "++dataset.required_batch_size_multiple=1"]
+    small += {"audio": ["++model.audio_prenet_dropout=0", "++dataset.max_tokens=60000", "++task.max_sample_size=30000"],
+              "image": ["++dataset.batch_size=4"], "text": ["++model.text_dropout=0", "++dataset.batch_size=2",
+                                                            "++task.tokens_per_sample=32"]}[modality]
+    return [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, f"config/pretrain/{modality}"),
+            "--config-name", "tiny_v2", f"task.data={data}", f"common.user_dir={user_dir()}", *small]
+
+
+@pytest.fixture(scope="module")
+def corpora(speech_corpus, tmp_path_factory):
+    """One small training set per modality."""
+    import sys
+
+    from d2v_plugin.prep.text import prepare as prepare_text
+
+    from .test_image import make_folder, write_lists
+
+    root = tmp_path_factory.mktemp("corpora")
+    make_folder(root / "img", per_class=8, size=32)
+    write_lists(str(root / "img"), str(root / "lists"))
+    run([sys.executable, "-m", "d2v_plugin.samples", "text", "--out", str(root / "text"), "--n", "30"])
+    prepare_text(str(root / "text" / "news.txt"), str(root / "text_data"), vocab_size=300, valid_percent=0.1)
+    return {"audio": speech_corpus / "manifest", "image": root / "lists", "text": root / "text_data"}
+
+
+@pytest.mark.parametrize("modality", ["audio", "image", "text"])
+def test_two_gloo_ranks_match_update_freq_2(corpora, tmp_path, modality):
+    """fairseq-hydra-train with 2 CPU processes (gloo): the teachers are checked equal across
+    ranks after every update, and the result equals one process with update_freq 2."""
+    base = modality_run(modality, corpora[modality], tmp_path)
+    single = run([*base, f"checkpoint.save_dir={tmp_path / 'single'}", f"hydra.run.dir={tmp_path / 'h_single'}",
+                  "optimization.update_freq=[2]"])
+    assert "done training" in single
+    port = free_port()
+    procs = [subprocess.Popen(
+        [*base, f"checkpoint.save_dir={tmp_path / 'ddp'}", f"hydra.run.dir={tmp_path / f'h_ddp{rank}'}",
+         "distributed_training.distributed_world_size=2", f"distributed_training.distributed_rank={rank}",
+         f"distributed_training.distributed_init_method=tcp://127.0.0.1:{port}", "distributed_training.distributed_no_spawn=true",
+         "distributed_training.distributed_backend=gloo", "common.cpu=true"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
+    assert "the teacher is identical on all 2 ranks" in logs[0] and "update 4: the teacher" in logs[0]
+    a = torch.load(tmp_path / "single" / "checkpoint_last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "ddp" / "checkpoint_last.pt", weights_only=False)["model"]
+    for key, value in a.items():
+        pairs = value.items() if key == "_ema" else [(key, value)]
+        for k, t in pairs:
+            other = b["_ema"][k] if key == "_ema" else b[k]
+            assert torch.allclose(t, other, atol=1e-4, rtol=1e-3), f"{key}/{k}: {(t - other).abs().max():.3g}"

@@ -248,6 +248,11 @@ class D2vMultiConfig(TextEncoderConfig, ImageEncoderConfig, AudioEncoderConfig):
         default=False,
         metadata={"help": "copy the positional conv into the teacher instead of averaging it (data2vec 1.0 speech)"},
     )
+    ema_sync_check_interval: int = field(
+        default=1000,
+        metadata={"help": "multi-process training: every N updates check that all ranks hold the same teacher "
+                          "(one all-reduce of per-tensor sums) and stop with an error if not; 0 disables"},
+    )
     min_target_var: float = field(
         default=0.1, metadata={"help": "collapse check: minimum target std (mean over channels); 0 disables"}
     )

@@ -89,6 +89,13 @@ class EMATeacher(nn.Module):
             torch._foreach_add_(avg_t, avg_s, alpha=lr)
 
     @torch.no_grad()
+    def fingerprint(self) -> torch.Tensor:
+        """(n_tensors, 2) float64: sum and sum of squares of every teacher tensor — equal on
+        every rank of a distributed run when the teachers are equal."""
+        tensors = list(self.parameters()) + [b for b in self.buffers() if b.is_floating_point()]
+        return torch.stack([torch.stack([t.double().sum(), t.double().pow(2).sum()]) for t in tensors])
+
+    @torch.no_grad()
     def copy_from(self, student: nn.Module) -> None:
         """Make the teacher equal to the student (a checkpoint without ``_ema``)."""
         for _, t, s in self._pairs(student):

@@ -2,9 +2,15 @@
 fine-tuning tasks' record of the pretrained config, tasks without dictionaries."""
 from __future__ import annotations
 
+import logging
+
+import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from ..models.config import set_cfg_field
+
+logger = logging.getLogger(__name__)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -17,13 +23,33 @@ def unwrap(model: nn.Module) -> nn.Module:
 class EMAStepMixin:
     """fairseq calls ``task.optimizer_step`` exactly once per update (after
     ``update_freq`` micro-batches, and never for an fp16-overflow update), so the
-    teacher steps there rather than in ``set_num_updates``."""
+    teacher steps there rather than in ``set_num_updates``. In multi-process training the
+    ranks' teachers are compared every ``ema_sync_check_interval`` updates."""
 
     def optimizer_step(self, optimizer, model, update_num):
         super().optimizer_step(optimizer, model, update_num)
         inner = unwrap(model)
         if hasattr(inner, "ema_step"):
             inner.ema_step(update_num + 1)
+            interval = getattr(inner.cfg, "ema_sync_check_interval", 0)
+            if interval > 0 and (update_num + 1) % interval == 0 and dist.is_initialized() and dist.get_world_size() > 1:
+                check_teachers_agree(inner.teacher, update_num + 1)
+
+
+def check_teachers_agree(teacher, update: int) -> None:
+    """All-reduce the teacher's fingerprint (max and min over ranks); any difference stops the run."""
+    if teacher is None:
+        return
+    fp = teacher.fingerprint()
+    device = next(teacher.parameters()).device if dist.get_backend() != "gloo" else torch.device("cpu")
+    hi, lo = fp.to(device), -fp.to(device)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    dist.all_reduce(lo, op=dist.ReduceOp.MAX)
+    spread = float((hi + lo).abs().max())  # max - min over ranks
+    if spread > 0:
+        raise RuntimeError(f"update {update}: the EMA teachers differ across the {dist.get_world_size()} ranks "
+                           f"(largest spread of a per-tensor sum {spread:.3g}); the ranks' students were not kept in sync")
+    logger.info("update %d: the teacher is identical on all %d ranks", update, dist.get_world_size())
 
 
 class WorkerMasksMixin:
