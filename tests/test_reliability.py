@@ -152,3 +152,91 @@ def test_two_gloo_ranks_match_update_freq_2(corpora, tmp_path, modality):
         for k, t in pairs:
             other = b["_ema"][k] if key == "_ema" else b[k]
             assert torch.allclose(t, other, atol=1e-4, rtol=1e-3), f"{key}/{k}: {(t - other).abs().max():.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("modality", ["audio", "text"])
+def test_low_precision_student_fp32_teacher_targets_and_ema(dtype, modality):
+    """A student cast to fp16/bf16 (what fairseq's --fp16/--bf16 do): the teacher keeps fp32
+    master weights, its targets are fp32, the loss is fp32, and the EMA step is computed in
+    fp32 (equal to the fp32 formula, not to the same formula in the student's dtype)."""
+    from d2v_plugin.models.d2v_multi import D2vMultiModel
+
+    from .conftest import tiny_cfg
+
+    torch.manual_seed(0)
+    if modality == "audio":
+        model = D2vMultiModel(tiny_cfg())
+        src = torch.randn(2, 4000)
+        pad = torch.zeros(2, 4000, dtype=torch.bool)
+        pad[1, 3000:] = True
+    else:
+        model = D2vMultiModel(tiny_cfg(modalities="text", text_vocab_size=40, text_max_positions=16, text_decoder_dim=16,
+                                       text_decoder_layers=1))
+        src = torch.randint(4, 40, (2, 12))
+        src[:, 0], src[:, -1] = 0, 2
+        pad = None
+    model = model.to(dtype)
+    assert {p.dtype for p in model.teacher.parameters()} == {torch.float32}
+    assert model.blocks[0].mlp.fc1.weight.dtype == dtype
+    seen = {}
+    teacher_fn = model.forward_teacher
+    model.forward_teacher = lambda *a, **k: seen.setdefault("targets", teacher_fn(*a, **k))
+    out = model(src.to(dtype) if src.is_floating_point() else src, pad)
+    assert seen["targets"][0].dtype == torch.float32
+    assert out["losses"]["regression"].dtype == torch.float32 and torch.isfinite(out["losses"]["regression"])
+    out["losses"]["regression"].backward()
+
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    student = dict(model.named_parameters())
+    decay = 0.999
+    model.teacher.step(model, decay)
+    name = "blocks.0.mlp.fc1.weight"
+    t, s = model.teacher.state_dict()[name], student[name].detach()
+    expected = before[name] * decay + s.float() * (1 - decay)
+    assert t.dtype == torch.float32 and torch.allclose(t, expected, atol=1e-7, rtol=0)
+    in_student_dtype = (before[name].to(dtype) * decay + s * (1 - decay)).float()
+    assert not torch.equal(t, in_student_dtype)  # small EMA increments would be lost in the student's precision
+
+
+def test_nan_loss_never_reaches_the_teacher(speech_corpus, tmp_path):
+    """fp32: fairseq stops a NaN update with FloatingPointError before the optimizer step;
+    --amp: fairseq calls the task's optimizer_step but the grad scaler skips the update —
+    in both cases the teacher is not stepped."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    args = options.parse_args_and_arch(options.get_training_parser(),
+                                       train_args(speech_corpus / "manifest", "--cpu", "--save-dir", str(tmp_path)))
+    cfg = convert_namespace_to_omegaconf(args)
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    trainer = Trainer(cfg, task, model, criterion)
+    it = trainer.get_train_iterator(epoch=1).next_epoch_itr(shuffle=False)
+    before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
+    forward = criterion.forward
+    criterion.forward = lambda m, s, reduce=True: (lambda loss, n, log: (loss * float("nan"), n, log))(*forward(m, s, reduce))
+    with pytest.raises(FloatingPointError, match="Nan/Inf"):
+        trainer.train_step([next(it)])
+    assert model.ema_steps == 0 and trainer.get_num_updates() == 0
+    assert all(torch.equal(before[k], v) for k, v in model.teacher.state_dict().items())
+
+    class SkippingScaler:  # what torch's GradScaler does on inf/NaN gradients: skip the step, halve the scale
+        scale = 2.0**16
+
+        def get_scale(self):
+            return self.scale
+
+    class AmpLikeOptimizer:
+        scaler = SkippingScaler()
+
+        def step(self):
+            self.scaler.scale /= 2
+
+    task.optimizer_step(AmpLikeOptimizer(), model, 0)
+    assert model.ema_steps == 0
+    AmpLikeOptimizer.step = lambda self: None  # a finite update keeps the scale: the teacher steps
+    task.optimizer_step(AmpLikeOptimizer(), model, 0)
+    assert model.ema_steps == 1

@@ -23,12 +23,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 class EMAStepMixin:
     """fairseq calls ``task.optimizer_step`` exactly once per update (after
     ``update_freq`` micro-batches, and never for an fp16-overflow update), so the
-    teacher steps there rather than in ``set_num_updates``. In multi-process training the
+    teacher steps there rather than in ``set_num_updates``. With ``--amp`` fairseq calls it
+    for non-finite gradients too and the grad scaler skips the update: the teacher is
+    not stepped then either. In multi-process training the
     ranks' teachers are compared every ``ema_sync_check_interval`` updates."""
 
     def optimizer_step(self, optimizer, model, update_num):
+        scaler = getattr(optimizer, "scaler", None)  # --amp: fairseq steps even when the scaler skips the update
+        scale = scaler.get_scale() if scaler is not None else None
         super().optimizer_step(optimizer, model, update_num)
         inner = unwrap(model)
+        if scale is not None and scaler.get_scale() < scale:  # inf/NaN gradients: the student did not move
+            logger.info("update %d: non-finite gradients, the AMP scaler skipped the step; the teacher is not stepped",
+                        update_num + 1)
+            return
         if hasattr(inner, "ema_step"):
             inner.ema_step(update_num + 1)
             interval = getattr(inner.cfg, "ema_sync_check_interval", 0)
