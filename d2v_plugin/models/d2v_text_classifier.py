@@ -1,10 +1,12 @@
 """fairseq adapter: the ``d2v_text_classifier`` model — a pretrained d2v text encoder +
-a head on the first token (``<s>``): dense -> tanh -> dropout -> linear (RoBERTa's),
-one output per class, or one for regression."""
+a head on the first token (``<s>``, RoBERTa's and the reference's) or on the mean of the
+real tokens (``pooling=mean``): dense -> tanh -> dropout -> linear, one output per class,
+or one for regression."""
 from dataclasses import dataclass, field
 from typing import Dict
 
 import torch.nn as nn
+from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from torch import Tensor
 
@@ -15,6 +17,9 @@ from .pretrained import FinetuneConfig, FinetuneModel
 @dataclass
 class D2vTextClassifierConfig(FinetuneConfig):
     pooler_dropout: float = field(default=0.0, metadata={"help": "dropout in the classification head"})
+    pooling: ChoiceEnum(["first", "mean"]) = field(
+        default="first", metadata={"help": "sentence vector: first: the <s> token's output (RoBERTa); mean: mean over real tokens"}
+    )
 
 
 @register_model("d2v_text_classifier", dataclass=D2vTextClassifierConfig)
@@ -34,5 +39,9 @@ class D2vTextClassifier(FinetuneModel):
 
     def forward(self, source: Tensor, padding_mask=None, **unused) -> Dict[str, Tensor]:
         """source: (B, T) tokens -> logits (B, classes) (or (B, 1) for regression)."""
-        x = self.encoder.extract_features(source, padding_mask, modality="text")["x"]  # (B, T, D)
-        return {"logits": self.head(x[:, 0])}
+        out = self.encoder.extract_features(source, padding_mask, modality="text")
+        x, pad = out["x"], out["padding_mask"]  # (B, T, D), (B, T) | None
+        if self.cfg.pooling == "first":
+            return {"logits": self.head(x[:, 0])}
+        real = (~pad).unsqueeze(-1).to(x.dtype) if pad is not None else x.new_ones(x.shape[:2] + (1,))
+        return {"logits": self.head((x * real).sum(1) / real.sum(1).clamp(min=1))}

@@ -67,6 +67,9 @@ class Data2Vec(nn.Module):
         self.modality_encoders = nn.ModuleDict(
             {m: ENCODERS[m](cfg, cfg.algorithm, self.make_block) for m in modalities}
         )
+        if not 1 <= cfg.average_top_k_layers <= cfg.depth:
+            raise ValueError(f"average_top_k_layers={cfg.average_top_k_layers}: targets average 1 to depth={cfg.depth} "
+                             "of the shared blocks; lower it or raise depth")
         self.blocks = nn.ModuleList(self.make_block(i, cfg.depth) for i in range(cfg.depth))
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.final_proj = regression_head(cfg.embed_dim, cfg.head_layers) if cfg.algorithm == "v1" else None

@@ -15,7 +15,7 @@ from omegaconf import II, MISSING
 from ..data.audio import AudioDataError, LabelledAudioDataset
 from ..modules.ctc import ctc_best_path
 from ..modules.feature_extractor import conv_output_lengths, receptive_field
-from .base import FinetuneTaskMixin, NoDictionaryTask, unwrap
+from .base import FinetuneTaskMixin, NoDictionaryTask, data_dir, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class D2vAsrFinetuningTask(FinetuneTaskMixin, NoDictionaryTask, FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: D2vAsrFinetuningConfig, **kwargs):
-        path = os.path.join(cfg.data, f"dict.{cfg.labels}.txt")
+        path = os.path.join(data_dir(cfg, "d2v_plugin.prep.audio_manifest + prep.asr_labels"), f"dict.{cfg.labels}.txt")
         if not os.path.isfile(path):
             raise AudioDataError(f"{path} not found; write the labels and dictionary with "
                                  "`python -m d2v_plugin.prep.asr_labels TRANSCRIPTS --manifest-dir DATA`")

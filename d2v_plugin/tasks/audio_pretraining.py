@@ -10,7 +10,7 @@ from omegaconf import II, MISSING
 
 from ..data.audio import AudioDataError, AudioPretrainDataset
 from ..modules.feature_extractor import receptive_field
-from .base import EMAStepMixin, NoDictionaryTask, WorkerMasksMixin
+from .base import EMAStepMixin, NoDictionaryTask, WorkerMasksMixin, data_dir
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +44,7 @@ class D2vAudioPretrainingTask(EMAStepMixin, WorkerMasksMixin, NoDictionaryTask, 
 
     @classmethod
     def setup_task(cls, cfg: D2vAudioPretrainingConfig, **kwargs):
-        if not os.path.isdir(cfg.data):
-            raise AudioDataError(f"task.data={cfg.data!r} is not a directory; point it at the folder with train.tsv/valid.tsv")
+        data_dir(cfg, "d2v_plugin.prep.audio_manifest (train.tsv, valid.tsv)")
         return cls(cfg)
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):

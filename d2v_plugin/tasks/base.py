@@ -3,10 +3,12 @@ fine-tuning tasks' record of the pretrained config, tasks without dictionaries."
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from omegaconf.errors import MissingMandatoryValue
 
 from ..models.config import set_cfg_field
 
@@ -102,3 +104,17 @@ class NoDictionaryTask:
     @property
     def target_dictionary(self):
         return None
+
+
+def data_dir(cfg, made_by: str) -> str:
+    """``cfg.data``, or an error naming the setting and the fix when it is unset or not a folder."""
+    try:
+        data = cfg.data
+    except MissingMandatoryValue:
+        data = None
+    if not data or data == "???":
+        raise ValueError(f"task.data is not set: give the data folder (fairseq-hydra-train: task.data=DIR; fairseq-train: "
+                         f"its first argument); {made_by} makes it")
+    if not os.path.isdir(data):
+        raise ValueError(f"task.data={data!r} is not a directory; point it at the folder {made_by} made")
+    return data

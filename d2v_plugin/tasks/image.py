@@ -15,7 +15,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.image import ImageDataError, ImageDataset
-from .base import EMAStepMixin, FinetuneTaskMixin, NoDictionaryTask, WorkerMasksMixin, unwrap
+from .base import EMAStepMixin, FinetuneTaskMixin, NoDictionaryTask, WorkerMasksMixin, data_dir, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ class D2vImagePretrainingTask(EMAStepMixin, ImageTask):
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
-        if not os.path.isdir(cfg.data):
-            raise ImageDataError(f"task.data={cfg.data!r} is not a directory; point it at the folder with train.tsv/valid.tsv")
+        data_dir(cfg, "d2v_plugin.prep.image_folder (train.tsv, valid.tsv)")
         return cls(cfg)
 
     def build_model(self, cfg, from_checkpoint=False):
@@ -85,7 +84,7 @@ class D2vImageClassificationTask(FinetuneTaskMixin, ImageTask):
 
     @classmethod
     def setup_task(cls, cfg, **kwargs):
-        path = os.path.join(cfg.data, "labels.txt")
+        path = os.path.join(data_dir(cfg, "d2v_plugin.prep.image_folder"), "labels.txt")
         if not os.path.isfile(path):
             raise ImageDataError(f"{path} not found; write it with `python -m d2v_plugin.prep.image_folder ROOT --dest DATA`")
         with open(path, encoding="utf-8") as f:

@@ -18,7 +18,7 @@ from omegaconf import II, MISSING
 
 from ..data.text import TextBlockDataset, TextDataError
 from ..models.config import set_cfg_field
-from .base import EMAStepMixin, FinetuneTaskMixin, WorkerMasksMixin, unwrap
+from .base import EMAStepMixin, FinetuneTaskMixin, WorkerMasksMixin, data_dir, unwrap
 
 logger = logging.getLogger(__name__)
 BREAK_MODE = ChoiceEnum(["none", "complete", "complete_doc", "eos"])
@@ -56,7 +56,7 @@ class D2vTextPretrainingTask(EMAStepMixin, WorkerMasksMixin, TokenTask):
 
     @classmethod
     def setup_task(cls, cfg: D2vTextPretrainingConfig, **kwargs):
-        path = os.path.join(cfg.data, "dict.txt")
+        path = os.path.join(data_dir(cfg, "d2v_plugin.prep.text"), "dict.txt")
         if not os.path.isfile(path):
             raise TextDataError(f"{path} not found; binarise the text with `python -m d2v_plugin.prep.text RAW --dest {cfg.data}`")
         dictionary = Dictionary.load(path)
@@ -116,6 +116,7 @@ class D2vTextClassificationTask(FinetuneTaskMixin, TokenTask):
 
     @classmethod
     def setup_task(cls, cfg: D2vTextClassificationConfig, **kwargs):
+        data_dir(cfg, "d2v_plugin.prep.text_classification")
         for name in ("dict.txt", "labels.txt"):
             if not os.path.isfile(os.path.join(cfg.data, name)):
                 raise TextDataError(f"{os.path.join(cfg.data, name)} not found; run d2v_plugin.prep.text_classification")
