@@ -185,6 +185,15 @@ def test_collapsed_model_stops_training():
     src, pad = batch()
     with pytest.raises(CollapseError, match="representation collapse"):
         model(src, pad)
+    # a really collapsed teacher (constant FFN outputs -> constant targets), default thresholds:
+    model = D2vMultiModel(tiny_cfg(collapse_check_start_update=0, collapse_patience=2))
+    with torch.no_grad():
+        for blk in model.teacher.blocks:
+            blk.mlp.fc2.weight.zero_()
+            blk.mlp.fc2.bias.fill_(0.5)
+    model(src, pad)  # one low update is tolerated (patience 2)
+    with pytest.raises(CollapseError, match=r"target_var=0\.001 \(min 0\.1\), pred_var=[\d.]+ \(min 0\.01\) for 2 consecutive"):
+        model(src, pad)
 
 
 # -- blocks and encoders --------------------------------------------------------------
