@@ -4,7 +4,7 @@ learning rates)."""
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 from fairseq import checkpoint_utils
 from fairseq.dataclass import FairseqDataclass
@@ -49,9 +49,10 @@ class FinetuneConfig(FairseqDataclass):
     )
 
 
-def read_pretrained(path: str, modality: str) -> Dict[str, Any]:
-    """-> {"model": config dict, "task": task settings, "state": weights} of a d2v_plugin
-    pretraining checkpoint with a ``modality`` encoder."""
+def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
+    """-> {"model": config dict, "task": task settings, "state": weights, "task_state": the
+    task's saved state} of a d2v_plugin pretraining checkpoint with a ``modality`` encoder
+    (any, if None)."""
     try:
         ckpt = checkpoint_utils.load_checkpoint_to_cpu(path)
     except FileNotFoundError as e:
@@ -64,10 +65,10 @@ def read_pretrained(path: str, modality: str) -> Dict[str, Any]:
             f"{path}: model {name!r} is not a d2v_plugin pretraining checkpoint (d2v_multi); convert official "
             "data2vec checkpoints first with `python -m d2v_plugin.convert`"
         )
-    if modality not in str(model_cfg.get("modalities", "audio")):
+    if modality is not None and modality not in str(model_cfg.get("modalities", "audio")):
         raise PretrainedCheckpointError(f"{path}: the model has no {modality} encoder (modalities={model_cfg['modalities']!r})")
     task = OmegaConf.to_container(cfg.task, resolve=True) if cfg.get("task") is not None else {}
-    return {"model": model_cfg, "task": task, "state": ckpt["model"]}
+    return {"model": model_cfg, "task": task, "state": ckpt["model"], "task_state": ckpt.get("task_state") or {}}
 
 
 class FinetuneModel(BaseFairseqModel):

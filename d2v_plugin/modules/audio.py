@@ -49,7 +49,7 @@ class AudioEncoder(nn.Module):
         self.use_alibi = cfg.audio_use_alibi
         self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(cfg.num_heads)), persistent=False)
         self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads)) if cfg.audio_use_alibi and cfg.audio_alibi_learned_scale else None
-        self.zero_padding = algorithm == "v1" or cfg.padding_aware
+        self.zero_padding, self.padding_aware = algorithm == "v1" or cfg.padding_aware, cfg.padding_aware
         self.extra_tokens, self.num_extra, self.cls_loss, self.ema_local_encoder = None, 0, 0.0, False
         self.ema_copied = ("pos_conv",) if cfg.ema_copy_pos_conv else ()  # data2vec 1.0 copies, not averages
         self.masking = MaskSettings.from_config(cfg, "audio")
@@ -78,7 +78,7 @@ class AudioEncoder(nn.Module):
         if self.zero_padding and padding_mask is not None:
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
         inp = x if zero_mask is None else x.masked_fill(zero_mask.unsqueeze(-1), 0.0)
-        return x + self.pos_conv(inp)
+        return x + self.pos_conv(inp, padding_mask if self.padding_aware else None)
 
     def alibi(self, positions: Tensor) -> Optional[Tensor]:
         """positions: (B, K) time index of each token -> (B, H, K, K) bias or None."""

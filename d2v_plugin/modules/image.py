@@ -48,7 +48,7 @@ class ImageEncoder(nn.Module):
         if cfg.image_input_size % cfg.image_patch_size:
             raise ValueError(f"image_input_size={cfg.image_input_size} is not a multiple of image_patch_size={cfg.image_patch_size}")
         side = cfg.image_input_size // cfg.image_patch_size
-        self.grid = (side, side)
+        self.grid, self.input_size = (side, side), cfg.image_input_size
         self.patch_embed = PatchEmbed(cfg.image_in_chans, D, cfg.image_patch_size)
         # a frozen parameter (not a buffer) so checkpoints carry it and the teacher copies it
         self.positions = nn.Parameter(sincos_2d(D, side, side)[None], requires_grad=False)  # (1, L, D)

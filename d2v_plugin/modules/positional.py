@@ -95,9 +95,13 @@ class ConvPositionalEncoder(nn.Module):
             nn.Conv1d(dim, dim, self.kernel, padding=self.kernel // 2, groups=groups) for _ in range(depth)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, T, D) -> (B, T, D)."""
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
+        """x: (B, T, D) -> (B, T, D). With ``padding_mask`` (B, T) padded frames are zeroed
+        between layers too, so a padded row gets exactly what it gets alone."""
         x = x.transpose(1, 2)  # (B, D, T)
+        keep = None if padding_mask is None else (~padding_mask).unsqueeze(1).to(x.dtype)  # (B, 1, T)
         for conv in self.layers:
             x = conv_norm_gelu(conv, x)
+            if keep is not None:
+                x = x * keep
         return x.transpose(1, 2)

@@ -53,6 +53,8 @@ class D2vTextPretrainingTask(EMAStepMixin, WorkerMasksMixin, TokenTask):
         self.dictionary = dictionary
         spm = os.path.join(cfg.data, "spm.model")
         self.spm_model = open(spm, "rb").read() if os.path.isfile(spm) else b""
+        with open(os.path.join(cfg.data, "dict.txt"), "rb") as f:
+            self.dict_txt = f.read()
 
     @classmethod
     def setup_task(cls, cfg: D2vTextPretrainingConfig, **kwargs):
@@ -85,13 +87,16 @@ class D2vTextPretrainingTask(EMAStepMixin, WorkerMasksMixin, TokenTask):
         return model
 
     def state_dict(self):
-        """Saved with every checkpoint: the sentencepiece model of the data directory."""
-        return {"spm_model": torch.frombuffer(bytearray(self.spm_model), dtype=torch.uint8) if self.spm_model else None}
+        """Saved with every checkpoint: the sentencepiece model and the dictionary of the data
+        directory, so the checkpoint alone can encode text (d2v_plugin.extract)."""
+        as_bytes = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else None  # noqa: E731
+        return {"spm_model": as_bytes(self.spm_model), "dictionary": as_bytes(self.dict_txt)}
 
     def load_state_dict(self, state_dict):
-        saved = state_dict.get("spm_model") if state_dict else None
-        if saved is not None:
-            self.spm_model = bytes(saved.numpy().tobytes())
+        for key, attr in (("spm_model", "spm_model"), ("dictionary", "dict_txt")):
+            saved = state_dict.get(key) if state_dict else None
+            if saved is not None:
+                setattr(self, attr, bytes(saved.numpy().tobytes()))
 
     def max_positions(self):
         return self.cfg.tokens_per_sample

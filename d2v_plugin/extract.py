@@ -1,0 +1,262 @@
+"""Features from a d2v_plugin pretraining checkpoint, for audio files, image files and text lines.
+
+    python -m d2v_plugin.extract --checkpoint CKPT --input PATHS_OR_LIST [...] \\
+        --layer {last,N,avg_top_k,all} --pool {none,mean} --out OUT(.npz | folder)
+
+``--input``: audio/image files, a manifest / image list (``.tsv``: root line, then
+relative paths) or, for text, a file of lines (one sentence each). ``--layer``: ``last``
+(the encoder output), ``N`` (the output of block N, 1-based), ``avg_top_k`` (the data2vec
+target representation: the top-K FFN outputs, each normalised as in pretraining,
+averaged) or ``all`` (every block output, shape (L, T, D)). ``--pool mean`` averages over
+the real (unpadded) positions. OUT ending in ``.npz`` gets one archive (arrays ``0``,
+``1``, ... and ``ids``), otherwise a folder of ``NNNNNN.npy`` plus ``ids.txt``.
+
+In Python::
+
+    import d2v_plugin
+    ex = d2v_plugin.load("checkpoint_last.pt")
+    feats = ex.extract(["a.wav", "b.wav"], layer="last", pool="mean")  # list of numpy arrays
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import os
+import sys
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+LAYERS = "last, N (1..depth), avg_top_k, all"
+
+
+class ExtractError(ValueError):
+    """An input or option that the checkpoint cannot extract features for."""
+
+
+class Extractor:
+    """A pretrained ``Data2Vec`` in eval mode and what its modality needs to read inputs."""
+
+    def __init__(self, model, modality: str, task: dict, task_state: Optional[dict] = None, path: str = ""):
+        self.model, self.modality, self.task, self.path = model.eval(), modality, task, path
+        self.encoder = model.modality_encoders[modality]
+        if modality == "text":
+            self.dictionary, self.spm = _text_vocabulary(task, task_state or {}, path)
+
+    # -- inputs -> (source, padding_mask) -------------------------------------------------
+    def read(self, item) -> torch.Tensor:
+        """One input (a path, or a sentence for text) -> the model's unbatched source."""
+        try:
+            if self.modality == "audio":
+                from .data.audio import load_audio
+
+                wav = torch.from_numpy(load_audio(str(item), int(self.task.get("sample_rate", 16000)), "input"))
+                return F.layer_norm(wav, wav.shape) if self.task.get("normalize") else wav
+            if self.modality == "image":
+                from .data.image import IMAGENET_MEAN, IMAGENET_STD, center_crop, load_image
+
+                img = center_crop(load_image(str(item), "input"), self.encoder.input_size)
+                return (img - torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)) / torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+        except ValueError as e:
+            raise ExtractError(f"{item}: cannot be read as {self.modality} input for {self.path or 'this checkpoint'} "
+                               f"(a {self.modality} model): {e}") from e
+        pieces = " ".join(self.spm.encode(str(item), out_type=str))
+        ids = self.dictionary.encode_line(pieces, append_eos=True, add_if_not_exist=False).long()
+        ids = torch.cat([torch.tensor([self.dictionary.bos()]), ids])
+        limit = self.encoder.max_positions
+        if len(ids) > limit:
+            logger.warning("a sentence of %d tokens is cut to text_max_positions=%d", len(ids), limit)
+            ids = torch.cat([ids[: limit - 1], ids[-1:]])
+        return ids
+
+    def batch(self, sources: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self.modality == "image":
+            return torch.stack(list(sources)), None
+        pad_value = self.encoder.pad if self.modality == "text" else 0.0
+        longest = max(len(s) for s in sources)
+        src = torch.stack([F.pad(s, (0, longest - len(s)), value=pad_value) for s in sources])
+        pad = torch.arange(longest)[None, :] >= torch.tensor([len(s) for s in sources])[:, None]
+        return src, (pad if pad.any() else None)
+
+    # -- features ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor],
+                 layer="last") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """A batch -> (B, T, D) or, for ``all``, (B, L, T, D) features and the (B, T) padding."""
+        from .modules.targets import build_targets
+
+        m, E = self.model, self.encoder.num_extra
+        outputs: List[torch.Tensor] = []
+        hooks = [blk.register_forward_hook(lambda mod, i, o: outputs.append(o[0])) for blk in m.blocks]
+        try:
+            stop = None if layer in ("last", "avg_top_k", "all") else self.block_index(layer)
+            out = m.extract_features(source, padding_mask, modality=self.modality, layer=stop)
+        finally:
+            for h in hooks:
+                h.remove()
+        pad = out["padding_mask"]
+        if layer == "avg_top_k":
+            K = m.cfg.average_top_k_layers
+            ffn = [y[:, E:] for y in out["layer_results"][-K:]]
+            norm_pad = pad if m.cfg.padding_aware else None
+            return build_targets(ffn, K, m.cfg.target_layer_norm, m.cfg.target_final_norm, norm_pad), pad
+        if layer == "all":
+            return torch.stack([y[:, E:] for y in outputs], dim=1), pad
+        return out["x"], pad
+
+    def block_index(self, layer) -> int:
+        """--layer N (1-based block) -> 0-based index, or an error listing the choices."""
+        depth = len(self.model.blocks)
+        n = int(layer) if str(layer).isdigit() else -1
+        if not 1 <= n <= depth:
+            raise ExtractError(f"--layer {layer!r}: choose {LAYERS.replace('depth', str(depth))}")
+        return n - 1
+
+    def extract(self, inputs: Iterable, layer="last", pool: str = "none", batch_size: int = 8,
+                progress: bool = False) -> List[np.ndarray]:
+        """inputs: paths (audio, image) or sentences (text) -> one float32 array per input:
+        (T, D) / (L, T, D) with ``pool="none"`` (padding removed), (D,) / (L, D) with ``"mean"``."""
+        if pool not in ("none", "mean"):
+            raise ExtractError(f"pool={pool!r}: choose none or mean")
+        if layer not in ("last", "avg_top_k", "all"):
+            self.block_index(layer)
+        inputs = list(inputs)
+        results: List[np.ndarray] = []
+        bar = _progress(len(inputs), progress)
+        for start in range(0, len(inputs), batch_size):
+            sources = [self.read(x) for x in inputs[start : start + batch_size]]
+            feats, pad = self.features(*self.batch(sources), layer=layer)
+            time_axis = feats.dim() - 2  # (B, T, D) -> 1; (B, L, T, D) -> 2
+            for b in range(len(sources)):
+                x = feats[b]
+                if pad is not None:
+                    x = x.narrow(time_axis - 1, 0, int((~pad[b]).sum()))
+                results.append((x.mean(time_axis - 1) if pool == "mean" else x).float().numpy())
+            bar.update(len(sources))
+        bar.close()
+        return results
+
+
+def _progress(total: int, enabled: bool):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, disable=not enabled, file=sys.stderr, unit="input")
+    except ImportError:  # pragma: no cover
+        class Silent:
+            update = close = staticmethod(lambda *a: None)
+
+        return Silent()
+
+
+def _text_vocabulary(task: dict, task_state: dict, path: str):
+    """The dictionary and sentencepiece model a text checkpoint was trained with: from the
+    checkpoint itself (saved by d2v_text_pretraining), else from task.data."""
+    import sentencepiece as spm
+    from fairseq.data import Dictionary
+
+    saved_dict, saved_spm = task_state.get("dictionary"), task_state.get("spm_model")
+    data = task.get("data") or ""
+    if saved_dict is not None:
+        dictionary = Dictionary.load(io.StringIO(bytes(saved_dict.numpy().tobytes()).decode("utf-8")))
+    elif os.path.isfile(os.path.join(data, "dict.txt")):
+        dictionary = Dictionary.load(os.path.join(data, "dict.txt"))
+    else:
+        raise ExtractError(f"{path}: the checkpoint holds no dictionary and task.data={data!r} has no dict.txt")
+    dictionary.add_symbol("<mask>")
+    model = bytes(saved_spm.numpy().tobytes()) if saved_spm is not None else None
+    if model is None and os.path.isfile(os.path.join(data, "spm.model")):
+        model = open(os.path.join(data, "spm.model"), "rb").read()
+    if model is None:
+        raise ExtractError(f"{path}: the checkpoint holds no sentencepiece model and task.data={data!r} has no spm.model")
+    return dictionary, spm.SentencePieceProcessor(model_proto=model)
+
+
+def load(path: str, modality: Optional[str] = None) -> Extractor:
+    """A d2v_plugin pretraining checkpoint (``d2v_multi``) -> ``Extractor``; ``modality``
+    picks the encoder of a multimodal model."""
+    from .models.config import D2vMultiConfig
+    from .models.pretrained import PretrainedCheckpointError, read_pretrained
+    from .modules.data2vec import Data2Vec
+
+    if not os.path.isfile(path):
+        raise ExtractError(f"--checkpoint {path!r}: file not found")
+    try:
+        pre = read_pretrained(path, None)
+    except PretrainedCheckpointError as e:
+        raise ExtractError(str(e)) from e
+    modalities = [m.strip() for m in str(pre["model"].get("modalities", "audio")).split(",")]
+    if modality is None:
+        if len(modalities) != 1:
+            raise ExtractError(f"{path} has encoders for {', '.join(modalities)}: choose one with --modality")
+        modality = modalities[0]
+    if modality not in modalities:
+        raise ExtractError(f"{path} has no {modality} encoder (modalities={','.join(modalities)}); "
+                           "use a checkpoint of that modality or --modality " + modalities[0])
+    fields = set(D2vMultiConfig.__dataclass_fields__)
+    model = Data2Vec(D2vMultiConfig(**{k: v for k, v in pre["model"].items() if k in fields}))
+    model.load_state_dict(pre["state"])
+    model.remove_pretraining_modules(modality)
+    return Extractor(model, modality, pre["task"], pre["task_state"], path)
+
+
+def read_inputs(paths: Sequence[str], modality: str) -> List[str]:
+    """--input values -> the list of inputs: files, lists (.tsv: root line + relative paths),
+    or for text the lines of the given files."""
+    items: List[str] = []
+    for p in paths:
+        if not os.path.isfile(p):
+            raise ExtractError(f"--input {p!r}: file not found")
+        if modality == "text":
+            with open(p, encoding="utf-8", errors="strict") as f:
+                try:
+                    items += [line.rstrip("\n") for line in f if line.strip()]
+                except UnicodeDecodeError as e:
+                    raise ExtractError(f"{p}: not UTF-8 text ({e}); fix the file or pass its sentences in UTF-8") from e
+        elif p.endswith(".tsv"):
+            with open(p, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+            root = lines[0].strip()
+            items += [os.path.join(root, line.split("\t")[0]) for line in lines[1:] if line.strip()]
+        else:
+            items.append(p)
+    if not items:
+        raise ExtractError("no input found in " + ", ".join(paths))
+    return items
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="d2v_plugin pretraining checkpoint (checkpoint_last.pt)")
+    ap.add_argument("--input", required=True, nargs="+", help="files, a .tsv manifest/list, or (text) files of lines")
+    ap.add_argument("--layer", default="last", help=f"which representation: {LAYERS}")
+    ap.add_argument("--pool", default="none", choices=["none", "mean"], help="mean over real positions, or none")
+    ap.add_argument("--out", required=True, help="OUT.npz (one archive) or a folder (one .npy per input + ids.txt)")
+    ap.add_argument("--modality", default=None, help="the encoder of a multimodal checkpoint (audio, image, text)")
+    ap.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        ex = load(a.checkpoint, a.modality)
+        inputs = read_inputs(a.input, ex.modality)
+        feats = ex.extract(inputs, a.layer, a.pool, a.batch_size, progress=True)
+    except ExtractError as e:
+        raise SystemExit(f"error: {e}")
+    if a.out.endswith(".npz"):
+        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+        np.savez(a.out, ids=np.array(inputs), **{str(i): f for i, f in enumerate(feats)})
+    else:
+        os.makedirs(a.out, exist_ok=True)
+        for i, f in enumerate(feats):
+            np.save(os.path.join(a.out, f"{i:06d}.npy"), f)
+        with open(os.path.join(a.out, "ids.txt"), "w", encoding="utf-8") as f:
+            f.writelines(f"{i:06d}\t{x}\n" for i, x in enumerate(inputs))
+    print(f"wrote {len(feats)} feature arrays ({ex.modality}, layer {a.layer}, pool {a.pool}) to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
