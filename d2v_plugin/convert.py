@@ -277,3 +277,83 @@ def _v1_text_config(c: Dict, vocab_size: int) -> Dict:
         text_dropout=t["dropout"], text_prenet_depth=0, text_mask_type="span", text_mask_prob=0.35, text_mask_length=4,
         text_leave_unmasked_prob=0.0, text_random_token_prob=0.0, **_loss(c),
     )
+
+
+OFFICIAL_MODELS = {"data2vec_multi": "data2vec2", "data2vec_audio": "data2vec1_audio", "data2vec_text": "data2vec1_text"}
+_EMBED_KEYS = ("modality_encoders.TEXT.local_encoder.embed_tokens.weight", "encoder.sentence_encoder.embed_tokens.weight")
+
+
+def official_parts(ckpt: Dict) -> Tuple[Dict, str, Dict, Dict]:
+    """An official fairseq checkpoint (``cfg.model._name`` data2vec_multi / data2vec_audio /
+    data2vec_text) or a golden fixture -> (model config, family, state dict, task config)."""
+    from omegaconf import OmegaConf
+
+    if ckpt.get("cfg") is not None:
+        cfg = ckpt["cfg"]
+        cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        model_cfg = dict(cfg.get("model") or {})
+        family = OFFICIAL_MODELS.get(model_cfg.get("_name"))
+        if family is None:
+            raise ValueError(f"model {model_cfg.get('_name')!r} is not an official data2vec model ({', '.join(OFFICIAL_MODELS)})")
+        return model_cfg, family, ckpt["model"], dict(cfg.get("task") or {})
+    if ckpt.get("args") is not None:
+        raise ValueError("checkpoints with an argparse `args` config (fairseq < 0.10) are not supported; re-save with fairseq 0.12")
+    if "family" in ckpt and "state_dict" in ckpt:  # the golden fixtures' layout
+        return ckpt["config"], ckpt["family"], ckpt["state_dict"], {}
+    raise ValueError("not a fairseq checkpoint: it has no `cfg` entry")
+
+
+def convert_checkpoint(ckpt: Dict, dictionary: bytes = b"", spm_model: bytes = b"") -> Dict:
+    """Official checkpoint dict -> a d2v_plugin pretraining checkpoint dict (model ``d2v_multi``,
+    teacher kept as ``_ema`` when present) that fine-tuning and extraction read."""
+    model_cfg, family, sd, task_cfg = official_parts(ckpt)
+    vocab = next((sd[k].shape[0] for k in _EMBED_KEYS if k in sd), 0)
+    cfg = convert_config(model_cfg, family, vocab)
+    modality = cfg["modalities"]
+    task = {"_name": f"d2v_{modality}_pretraining", "data": str(task_cfg.get("data", ""))}
+    if modality == "audio":
+        task.update(normalize=bool(task_cfg.get("normalize", False)), sample_rate=int(task_cfg.get("sample_rate", 16000)))
+    if modality == "image":
+        task["input_size"] = cfg["image_input_size"]
+    as_bytes = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else None  # noqa: E731
+    updates = (ckpt.get("optimizer_history") or [{}])[-1].get("num_updates", 0)
+    return {
+        "cfg": {"model": {"_name": "d2v_multi", **cfg}, "task": task, "converted_from": family},
+        "model": convert_state_dict(sd, family),
+        "optimizer_history": [{"criterion_name": "D2vCriterion", "optimizer_name": "converted", "lr_scheduler_state": {},
+                               "num_updates": updates}],
+        "task_state": {"dictionary": as_bytes(dictionary), "spm_model": as_bytes(spm_model)},
+        "extra_state": {}, "last_optimizer_state": None, "args": None,
+    }
+
+
+def main(argv=None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Convert an official fairseq data2vec checkpoint (data2vec_multi, "
+                                             "data2vec_audio, data2vec_text) into a d2v_plugin checkpoint.")
+    ap.add_argument("--from-fairseq", required=True, metavar="IN.pt", help="the official checkpoint")
+    ap.add_argument("--out", required=True, metavar="OUT.pt", help="where to write the d2v_plugin checkpoint")
+    ap.add_argument("--dict", default="", help="text: the dict.txt the model was trained with (kept in the checkpoint)")
+    ap.add_argument("--spm", default="", help="text: a sentencepiece model for d2v_plugin.extract (official text "
+                                               "models use GPT-2 BPE, which the plugin's text tasks do not read)")
+    a = ap.parse_args(argv)
+    from . import checkpoints  # noqa: F401  (safe-loader allow-list)
+
+    try:
+        ckpt = torch.load(a.from_fairseq, map_location="cpu", weights_only=True)
+    except Exception as e:  # the safe loader names the global it refused
+        raise SystemExit(f"error: {a.from_fairseq}: cannot load it with torch's safe loader: {e}")
+    read = lambda p: open(p, "rb").read() if p else b""  # noqa: E731
+    try:
+        out = convert_checkpoint(ckpt, read(a.dict), read(a.spm))
+    except (ValueError, KeyError) as e:
+        raise SystemExit(f"error: {a.from_fairseq}: {e}")
+    torch.save(out, a.out)
+    teacher = "with" if "_ema" in out["model"] else "without"
+    print(f"wrote {a.out}: {out['cfg']['converted_from']} -> d2v_multi ({out['cfg']['model']['modalities']}, "
+          f"{out['cfg']['model']['algorithm']}), {teacher} its teacher")
+
+
+if __name__ == "__main__":
+    main()

@@ -44,8 +44,12 @@ class Extractor:
     def __init__(self, model, modality: str, task: dict, task_state: Optional[dict] = None, path: str = ""):
         self.model, self.modality, self.task, self.path = model.eval(), modality, task, path
         self.encoder = model.modality_encoders[modality]
-        if modality == "text":
-            self.dictionary, self.spm = _text_vocabulary(task, task_state or {}, path)
+        self.dictionary = self.spm = self.no_vocabulary = None
+        if modality == "text":  # without one, the model still takes token ids (extract_features)
+            try:
+                self.dictionary, self.spm = _text_vocabulary(task, task_state or {}, path)
+            except ExtractError as e:
+                self.no_vocabulary = e
 
     # -- inputs -> (source, padding_mask) -------------------------------------------------
     def read(self, item) -> torch.Tensor:
@@ -64,6 +68,8 @@ class Extractor:
         except ValueError as e:
             raise ExtractError(f"{item}: cannot be read as {self.modality} input for {self.path or 'this checkpoint'} "
                                f"(a {self.modality} model): {e}") from e
+        if self.no_vocabulary is not None:
+            raise self.no_vocabulary
         pieces = " ".join(self.spm.encode(str(item), out_type=str))
         ids = self.dictionary.encode_line(pieces, append_eos=True, add_if_not_exist=False).long()
         ids = torch.cat([torch.tensor([self.dictionary.bos()]), ids])

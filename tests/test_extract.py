@@ -42,8 +42,9 @@ def checkpoints(pretrained, tmp_path_factory):
              "model.depth=2", "model.embed_dim=32", "model.average_top_k_layers=2", f"model.{modality}_decoder_dim=16",
              "dataset.num_workers=0", *extra])
         out[modality] = root / modality / "checkpoint_last.pt"
+    news = (root / "text" / "news.txt").read_text().splitlines()[:3]
     out["inputs"] = {"image": sorted(str(p) for p in (root / "img" / "train").rglob("*.png"))[:3],
-                     "text": [" ".join(line.split()[:20]) for line in (root / "text" / "news.txt").read_text().splitlines()[:3]], "text_data": root / "text_data"}
+                     "text": [" ".join(line.split()[:20]) for line in news], "text_data": root / "text_data"}
     return out
 
 

@@ -11,6 +11,7 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel
 from omegaconf import DictConfig, OmegaConf
 
+from ..convert import OFFICIAL_MODELS, convert_checkpoint
 from ..modules.data2vec import Data2Vec
 from .config import D2vMultiConfig, set_cfg_field
 
@@ -58,12 +59,17 @@ def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
     except FileNotFoundError as e:
         raise PretrainedCheckpointError(f"model.pretrained_path={path!r}: file not found") from e
     cfg = ckpt.get("cfg")
+    if cfg is not None and OmegaConf.select(OmegaConf.create(cfg), "model._name") in OFFICIAL_MODELS:
+        logger.info("%s: an official %s checkpoint, converted on load", path, cfg["model"]["_name"])
+        ckpt = convert_checkpoint(ckpt)
+        cfg = ckpt["cfg"]
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg is not None and cfg.get("model") else {}
     name = model_cfg.get("_name")
     if name != "d2v_multi":
         raise PretrainedCheckpointError(
-            f"{path}: model {name!r} is not a d2v_plugin pretraining checkpoint (d2v_multi); convert official "
-            "data2vec checkpoints first with `python -m d2v_plugin.convert`"
+            f"{path}: model {name!r} is neither a d2v_plugin pretraining checkpoint (d2v_multi) nor an official "
+            "data2vec one (data2vec_multi, data2vec_audio, data2vec_text)"
         )
     if modality is not None and modality not in str(model_cfg.get("modalities", "audio")):
         raise PretrainedCheckpointError(f"{path}: the model has no {modality} encoder (modalities={model_cfg['modalities']!r})")

@@ -1,0 +1,83 @@
+"""Official data2vec checkpoints: `python -m d2v_plugin.convert --from-fairseq`, and the
+fine-tuning / extraction paths reading official checkpoints directly. Built from the golden
+fixtures (official weights and configs, with the official outputs to compare against)."""
+import os
+import sys
+
+import pytest
+import torch
+
+import d2v_plugin
+from d2v_plugin.convert import main as convert_main
+from d2v_plugin.userdir import user_dir
+
+from .conftest import BIN, REPO, run
+from .test_golden import MODEL_FILES
+
+NAMES = {"data2vec2": "data2vec_multi", "data2vec1_audio": "data2vec_audio", "data2vec1_text": "data2vec_text"}
+
+
+def official_checkpoint(fixture, path):
+    """What fairseq saves for the official model: cfg.model (with _name), model (with the teacher)."""
+    r = torch.load(fixture, weights_only=True)
+    torch.save({"cfg": {"model": {**r["config"], "_name": NAMES[r["family"]]}, "task": {"_name": "audio_pretraining",
+                                                                                     "data": "/gone", "normalize": False}},
+                "model": r["state_dict"], "extra_state": {"train_iterator": {"epoch": 1}}, "last_optimizer_state": None,
+                "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "Adam",
+                                       "lr_scheduler_state": {}, "num_updates": 1}]}, path)
+    return r
+
+
+def eval_inputs(r):
+    if r["family"] == "data2vec1_text":
+        return r["inputs"]["target_tokens"], None, r["outputs"]["features_eval"]["x"]
+    ref = r["outputs"].get("features_eval", r["outputs"].get("features"))
+    return r["inputs"]["source"], r["inputs"].get("padding_mask"), ref["x"]
+
+
+@pytest.mark.parametrize("fixture", MODEL_FILES, ids=lambda p: p.name)
+def test_converted_and_direct_official_checkpoints_reproduce_the_reference(fixture, tmp_path, capsys):
+    r = official_checkpoint(fixture, tmp_path / "official.pt")
+    convert_main(["--from-fairseq", str(tmp_path / "official.pt"), "--out", str(tmp_path / "converted.pt")])
+    assert "with its teacher" in capsys.readouterr().out
+    saved = torch.load(tmp_path / "converted.pt", weights_only=True)
+    assert saved["cfg"]["model"]["_name"] == "d2v_multi" and all(v.dtype == torch.float32 for v in saved["model"]["_ema"].values())
+    source, pad, expected = eval_inputs(r)
+    for path in (tmp_path / "converted.pt", tmp_path / "official.pt"):  # converted, and read directly
+        ex = d2v_plugin.load(str(path))
+        with torch.no_grad():
+            x = ex.model.extract_features(source, pad, modality=ex.modality)["x"]
+        assert (x - expected).abs().max() <= 1e-5, path.name
+
+
+def test_bad_official_checkpoints_are_named(tmp_path):
+    torch.save({"cfg": {"model": {"_name": "wav2vec2"}}, "model": {}}, tmp_path / "w2v.pt")
+    with pytest.raises(SystemExit, match="model 'wav2vec2' is not an official data2vec model"):
+        convert_main(["--from-fairseq", str(tmp_path / "w2v.pt"), "--out", str(tmp_path / "o.pt")])
+    torch.save({"weights": 1}, tmp_path / "odd.pt")
+    with pytest.raises(SystemExit, match="not a fairseq checkpoint"):
+        convert_main(["--from-fairseq", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "o.pt")])
+
+
+def test_official_checkpoints_fine_tune_with_plugin_tasks(asr_data, tmp_path):
+    """An official speech checkpoint (converted) fine-tunes with CTC; an official image one
+    (read directly, no conversion step) with image classification."""
+    from .test_image import make_folder, write_lists
+
+    golden = os.path.join(REPO, "tests", "golden")
+    official_checkpoint(os.path.join(golden, "v2_audio.pt"), tmp_path / "audio_official.pt")
+    run([sys.executable, "-m", "d2v_plugin.convert", "--from-fairseq", str(tmp_path / "audio_official.pt"),
+         "--out", str(tmp_path / "audio.pt")])
+    log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/finetune/asr"),
+               "--config-name", "tiny", f"task.data={asr_data}", f"model.pretrained_path={tmp_path / 'audio.pt'}",
+               f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'asr'}", f"hydra.run.dir={tmp_path / 'h1'}",
+               "optimization.max_update=2", "dataset.num_workers=0", "task.normalize=false", "model.freeze_finetune_updates=0"])
+    assert "done training" in log
+    official_checkpoint(os.path.join(golden, "v2_image.pt"), tmp_path / "image_official.pt")
+    make_folder(tmp_path / "img", per_class=4, size=32)
+    write_lists(str(tmp_path / "img"), str(tmp_path / "lists"))
+    log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/finetune/image"),
+               "--config-name", "tiny", f"task.data={tmp_path / 'lists'}", f"model.pretrained_path={tmp_path / 'image_official.pt'}",
+               f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'img_ft'}", f"hydra.run.dir={tmp_path / 'h2'}",
+               "optimization.max_update=2", "dataset.num_workers=0", "dataset.batch_size=4", "task.input_size=32"])
+    assert "done training" in log and "converted on load" in log
