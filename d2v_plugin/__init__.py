@@ -10,6 +10,6 @@ from . import checkpoints  # noqa: F401  (allow-lists checkpoint globals)
 from .criterions import classification, ctc, d2v  # noqa: F401
 from .extract import load  # noqa: F401  (d2v_plugin.load(path).extract(inputs))
 from .models import d2v_ctc, d2v_image_classifier, d2v_multi, d2v_text_classifier  # noqa: F401
-from .tasks import asr_finetuning, audio_pretraining, image, text  # noqa: F401
+from .tasks import asr_finetuning, audio_pretraining, image, multimodal, text  # noqa: F401
 
 __version__ = "0.1.0"

@@ -88,3 +88,18 @@ def asr_data(speech_corpus, tmp_path_factory):
         (out / f"{split}.tsv").write_text((speech_corpus / "manifest" / f"{split}.tsv").read_text())
     run([sys.executable, "-m", "d2v_plugin.prep.asr_labels", str(speech_corpus / "transcripts.tsv"), "--manifest-dir", str(out)])
     return out
+
+
+@pytest.fixture(scope="session")
+def corpora(speech_corpus, tmp_path_factory):
+    """One small training set per modality."""
+    from d2v_plugin.prep.text import prepare as prepare_text
+
+    from .test_image import make_folder, write_lists
+
+    root = tmp_path_factory.mktemp("corpora")
+    make_folder(root / "img", per_class=8, size=32)
+    write_lists(str(root / "img"), str(root / "lists"))
+    run([sys.executable, "-m", "d2v_plugin.samples", "text", "--out", str(root / "text"), "--n", "30"])
+    prepare_text(str(root / "text" / "news.txt"), str(root / "text_data"), vocab_size=300, valid_percent=0.1)
+    return {"audio": speech_corpus / "manifest", "image": root / "lists", "text": root / "text_data", "text_raw": root / "text"}

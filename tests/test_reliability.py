@@ -110,23 +110,6 @@ def modality_run(modality: str, data, tmp_path):
             "--config-name", "tiny_v2", f"task.data={data}", f"common.user_dir={user_dir()}", *small]
 
 
-@pytest.fixture(scope="module")
-def corpora(speech_corpus, tmp_path_factory):
-    """One small training set per modality."""
-    import sys
-
-    from d2v_plugin.prep.text import prepare as prepare_text
-
-    from .test_image import make_folder, write_lists
-
-    root = tmp_path_factory.mktemp("corpora")
-    make_folder(root / "img", per_class=8, size=32)
-    write_lists(str(root / "img"), str(root / "lists"))
-    run([sys.executable, "-m", "d2v_plugin.samples", "text", "--out", str(root / "text"), "--n", "30"])
-    prepare_text(str(root / "text" / "news.txt"), str(root / "text_data"), vocab_size=300, valid_percent=0.1)
-    return {"audio": speech_corpus / "manifest", "image": root / "lists", "text": root / "text_data"}
-
-
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
 def test_two_gloo_ranks_match_update_freq_2(corpora, tmp_path, modality):
     """fairseq-hydra-train with 2 CPU processes (gloo): the teachers are checked equal across

@@ -1,4 +1,5 @@
-"""fairseq adapter: the ``d2v`` criterion — sums the model's losses, logs diagnostics."""
+"""fairseq adapter: the ``d2v`` criterion — sums the model's losses, logs diagnostics
+(per modality too, for a multimodal model: ``audio_loss``, ``image_target_var``, ...)."""
 
 from dataclasses import dataclass
 
@@ -6,10 +7,12 @@ from fairseq import metrics
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
 
+from ..tasks.base import unwrap
 from .base import SummedLogsCriterion
 
 # logged per batch and averaged over batches (all summable, so distributed CPU/gloo works)
 MEAN_KEYS = ("target_var", "pred_var", "masked_pct", "ema_decay")
+MODALITY_KEYS = ("target_var", "pred_var")  # also per modality in multimodal training
 
 
 @dataclass
@@ -35,6 +38,14 @@ class D2vCriterion(SummedLogsCriterion):
         }
         for k in MEAN_KEYS:
             log[k] = float(out[k])
+        names = list(getattr(unwrap(model), "modality_encoders", {}))
+        if len(names) > 1:  # every rank logs every key (zeros for the other modalities): summable across ranks
+            this = sample["net_input"].get("modality")
+            for m in names:
+                on = m == this
+                log.update({f"{m}_batches": int(on), f"{m}_loss": log["loss"] if on else 0.0,
+                            f"{m}_sample_size": sample_size if on else 0})
+                log.update({f"{m}_{k}": log[k] if on else 0.0 for k in MODALITY_KEYS})
         return loss, sample_size, log
 
     @staticmethod
@@ -45,4 +56,11 @@ class D2vCriterion(SummedLogsCriterion):
         for k in MEAN_KEYS:
             value = total(k) / batches
             metrics.log_scalar(k, value * 1000 if k == "ema_decay" else value, batches, round=5 if k != "ema_decay" else 3)
+        names = {k[: -len("_batches")] for log in logging_outputs for k in log if k.endswith("_batches") and k != "batches"}
+        for m in sorted(names):
+            n = total(f"{m}_batches")
+            if n:
+                metrics.log_scalar(f"{m}_loss", total(f"{m}_loss") / max(total(f"{m}_sample_size"), 1), n, round=4)
+                for k in MODALITY_KEYS:
+                    metrics.log_scalar(f"{m}_{k}", total(f"{m}_{k}") / n, n, round=5)
 

@@ -10,7 +10,7 @@ from omegaconf import II, MISSING
 
 from ..data.audio import AudioDataError, AudioPretrainDataset
 from ..modules.feature_extractor import receptive_field
-from .base import EMAStepMixin, NoDictionaryTask, WorkerMasksMixin, data_dir
+from .base import EMAStepMixin, NoDictionaryTask, WorkerMasksMixin, data_dir, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -58,14 +58,17 @@ class D2vAudioPretrainingTask(EMAStepMixin, WorkerMasksMixin, NoDictionaryTask, 
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        encoders = getattr(model, "modality_encoders", {})
-        if "audio" in encoders:
-            enc = encoders["audio"]
-            field_ = receptive_field(enc.spec)
-            if self.cfg.min_sample_size < field_:
-                raise AudioDataError(
-                    f"task.min_sample_size={self.cfg.min_sample_size} is shorter than the feature extractor's "
-                    f"receptive field ({field_} samples); raise it to at least {field_}"
-                )
-            self.share_masking(enc.spec, enc.masking)
+        if "audio" in getattr(model, "modality_encoders", {}):
+            self.attach_model(model)
         return model
+
+    def attach_model(self, model) -> None:
+        """Check the model against the data settings and hand its masks to the datasets."""
+        enc = unwrap(model).modality_encoders["audio"]
+        field_ = receptive_field(enc.spec)
+        if self.cfg.min_sample_size < field_:
+            raise AudioDataError(
+                f"task.min_sample_size={self.cfg.min_sample_size} is shorter than the feature extractor's "
+                f"receptive field ({field_} samples); raise it to at least {field_}"
+            )
+        self.share_masking(enc.spec, enc.masking)

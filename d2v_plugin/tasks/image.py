@@ -67,11 +67,15 @@ class D2vImagePretrainingTask(EMAStepMixin, ImageTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
+        self.attach_model(model)
+        return model
+
+    def attach_model(self, model) -> None:
+        """Check the model against the data settings and hand its masks to the datasets."""
         if "image" not in getattr(unwrap(model), "modality_encoders", {}):
             raise ValueError("d2v_image_pretraining needs a model with an image encoder (model.modalities=image)")
         self.check_size(model)
         self.share_masking(image_encoder(model).masking)
-        return model
 
 
 @register_task("d2v_image_classification", dataclass=D2vImageTaskConfig)

@@ -73,10 +73,19 @@ class D2vTextPretrainingTask(EMAStepMixin, WorkerMasksMixin, TokenTask):
         return ds
 
     def build_model(self, cfg, from_checkpoint=False):
+        self.configure_model(cfg)
+        model = super().build_model(cfg, from_checkpoint)
+        self.attach_model(model)
+        return model
+
+    def configure_model(self, cfg) -> None:
+        """The model config's dictionary-dependent fields."""
         set_cfg_field(cfg, "text_vocab_size", len(self.dictionary))
         set_cfg_field(cfg, "text_pad_index", self.dictionary.pad())
         set_cfg_field(cfg, "text_mask_index", self.dictionary.index("<mask>"))
-        model = super().build_model(cfg, from_checkpoint)
+
+    def attach_model(self, model) -> None:
+        """Check the model against the data settings and hand its masks to the datasets."""
         encoders = getattr(unwrap(model), "modality_encoders", {})
         if "text" not in encoders:
             raise ValueError("d2v_text_pretraining needs a model with a text encoder (model.modalities=text)")
@@ -84,7 +93,6 @@ class D2vTextPretrainingTask(EMAStepMixin, WorkerMasksMixin, TokenTask):
             raise ValueError(f"task.tokens_per_sample={self.cfg.tokens_per_sample} exceeds model.text_max_positions="
                              f"{encoders['text'].max_positions}; lower the first or raise the second")
         self.share_masking(encoders["text"].masking)
-        return model
 
     def state_dict(self):
         """Saved with every checkpoint: the sentencepiece model and the dictionary of the data
