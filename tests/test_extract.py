@@ -21,30 +21,21 @@ TOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def checkpoints(pretrained, tmp_path_factory):
+def checkpoints(pretrained, corpora, tmp_path_factory):
     """A 2-update fairseq-hydra-train checkpoint per modality (speech: the session's v2 run)."""
-    from d2v_plugin.prep.image_folder import write_lists
-    from d2v_plugin.prep.text import prepare as prepare_text
-
-    from .test_image import make_folder
-
     root = tmp_path_factory.mktemp("extract")
-    make_folder(root / "img", per_class=4, size=32)
-    write_lists(str(root / "img"), str(root / "lists"))
-    run([sys.executable, "-m", "d2v_plugin.samples", "text", "--out", str(root / "text"), "--n", "20"])
-    prepare_text(str(root / "text" / "news.txt"), str(root / "text_data"), vocab_size=300, valid_percent=0.1)
     out = {"audio": pretrained("v2")[0]}
-    for modality, data, extra in (("image", root / "lists", ["dataset.batch_size=4"]),
-                                  ("text", root / "text_data", ["dataset.batch_size=2", "task.tokens_per_sample=32"])):
+    for modality, extra in (("image", ["dataset.batch_size=4"]), ("text", ["dataset.batch_size=2", "task.tokens_per_sample=32"])):
         run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, f"config/pretrain/{modality}"),
-             "--config-name", "tiny_v2", f"task.data={data}", f"common.user_dir={user_dir()}",
+             "--config-name", "tiny_v2", f"task.data={corpora[modality]}", f"common.user_dir={user_dir()}",
              f"checkpoint.save_dir={root / modality}", f"hydra.run.dir={root / ('h_' + modality)}", "optimization.max_update=2",
              "model.depth=2", "model.embed_dim=32", "model.average_top_k_layers=2", f"model.{modality}_decoder_dim=16",
              "dataset.num_workers=0", *extra])
         out[modality] = root / modality / "checkpoint_last.pt"
-    news = (root / "text" / "news.txt").read_text().splitlines()[:3]
-    out["inputs"] = {"image": sorted(str(p) for p in (root / "img" / "train").rglob("*.png"))[:3],
-                     "text": [" ".join(line.split()[:20]) for line in news], "text_data": root / "text_data"}
+    images = (corpora["image"] / "train.tsv").read_text().splitlines()
+    news = (corpora["text_raw"] / "news.txt").read_text().splitlines()[:3]
+    out["inputs"] = {"image": [os.path.join(images[0], line.split("\t")[0]) for line in images[1:4]],
+                     "text": [" ".join(line.split()[:20]) for line in news], "text_data": corpora["text"]}
     return out
 
 
