@@ -81,3 +81,30 @@ def test_official_checkpoints_fine_tune_with_plugin_tasks(asr_data, tmp_path):
                f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'img_ft'}", f"hydra.run.dir={tmp_path / 'h2'}",
                "optimization.max_update=2", "dataset.num_workers=0", "dataset.batch_size=4", "task.input_size=32"])
     assert "done training" in log and "converted on load" in log
+
+
+def test_converted_official_text_checkpoint_fine_tunes(tmp_path):
+    """Classification data binarised with the official model's dictionary (the fixture's
+    w0..w94), then d2v_text_classification from the converted checkpoint."""
+    import random
+
+    from d2v_plugin.prep.text_classification import binarise
+
+    r = official_checkpoint(os.path.join(REPO, "tests", "golden", "v2_text.pt"), tmp_path / "official.pt")
+    convert_main(["--from-fairseq", str(tmp_path / "official.pt"), "--out", str(tmp_path / "text.pt")])
+    words = r["extra"]["dictionary_symbols"][4:-1]  # after <s> <pad> </s> <unk>, before <mask>
+    cls = tmp_path / "cls"
+    cls.mkdir()
+    (cls / "dict.txt").write_text("".join(f"{w} 1\n" for w in words))
+    (cls / "labels.txt").write_text("even\nodd\n")
+    rng = random.Random(0)
+    for split, n in (("train", 24), ("valid", 8)):
+        rows = [[rng.choice(words) for _ in range(rng.randint(4, 12))] for _ in range(n)]
+        (tmp_path / f"{split}.txt").write_text("".join(" ".join(row) + "\n" for row in rows))
+        (cls / f"{split}.label").write_text("".join(f"{int(row[0][1:]) % 2}\n" for row in rows))
+    binarise({s: str(tmp_path / f"{s}.txt") for s in ("train", "valid")}, str(cls / "dict.txt"), str(cls / "input0"))
+    log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/finetune/text"),
+               "--config-name", "tiny", f"task.data={cls}", f"model.pretrained_path={tmp_path / 'text.pt'}",
+               f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'ft'}", f"hydra.run.dir={tmp_path / 'h'}",
+               "optimization.max_update=2", "dataset.num_workers=0", "dataset.batch_size=8", "task.max_positions=64"])
+    assert "done training" in log and "| top1 " in log
