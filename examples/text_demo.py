@@ -23,7 +23,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="data/demo", help="working folder")
     ap.add_argument("--labelled", type=int, default=2000, help="labelled training sentences for fine-tuning")
-    ap.add_argument("--updates", type=int, default=600, help="pretraining updates (16 blocks of 128 tokens)")
+    ap.add_argument("--updates", type=int, default=1500, help="pretraining updates (16 blocks of 128 tokens)")
     ap.add_argument("--config", default="tiny_v2", help="pretraining config in config/pretrain/text")
     ap.add_argument("--articles", type=int, default=0, help="news articles to pretrain on (0 = all 3788)")
     ap.add_argument("--no-reviews", action="store_true", help="pretrain on the news only (no unlabelled review snippets)")
