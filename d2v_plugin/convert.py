@@ -290,7 +290,13 @@ def official_parts(ckpt: Dict) -> Tuple[Dict, str, Dict, Dict]:
 
     if ckpt.get("cfg") is not None:
         cfg = ckpt["cfg"]
-        cfg = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+        if OmegaConf.is_config(cfg):
+            try:
+                cfg = OmegaConf.to_container(cfg, resolve=True)
+            except Exception:  # an interpolation into settings the checkpoint did not keep
+                cfg = OmegaConf.to_container(cfg, resolve=False)
+        else:
+            cfg = dict(cfg)
         model_cfg = dict(cfg.get("model") or {})
         family = OFFICIAL_MODELS.get(model_cfg.get("_name"))
         if family is None:
