@@ -57,9 +57,10 @@ class Extractor:
         try:
             if self.modality == "audio":
                 from .data.audio import load_audio
+                from .models.pretrained import audio_normalize
 
                 wav = torch.from_numpy(load_audio(str(item), int(self.task.get("sample_rate", 16000)), "input"))
-                return F.layer_norm(wav, wav.shape) if self.task.get("normalize") else wav
+                return F.layer_norm(wav, wav.shape) if audio_normalize(self.task) else wav
             if self.modality == "image":
                 from .data.image import IMAGENET_MEAN, IMAGENET_STD, center_crop, load_image
 

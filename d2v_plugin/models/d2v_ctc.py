@@ -18,7 +18,7 @@ from torch import Tensor
 
 from ..modules.ctc import finetune_mask
 from ..modules.data2vec import Data2Vec
-from .pretrained import FinetuneConfig, FinetuneModel
+from .pretrained import FinetuneConfig, FinetuneModel, audio_normalize
 
 
 @dataclass
@@ -54,7 +54,7 @@ class D2vCtcModel(FinetuneModel):
     @classmethod
     def build_model(cls, cfg: D2vCtcConfig, task) -> "D2vCtcModel":
         encoder, args = cls.build_encoder(cfg)
-        return cls(cfg, encoder, len(task.target_dictionary), bool(args["task"].get("normalize", True)))
+        return cls(cfg, encoder, len(task.target_dictionary), audio_normalize(args["task"]))
 
     def mask(self, feats: Tensor, padding_mask: Optional[Tensor], enc) -> Tensor:
         c = self.cfg

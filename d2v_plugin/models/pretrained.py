@@ -77,6 +77,12 @@ def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
     return {"model": model_cfg, "task": task, "state": ckpt["model"], "task_state": ckpt.get("task_state") or {}}
 
 
+def audio_normalize(task: Dict[str, Any]) -> bool:
+    """Whether the pretraining fed normalised waveforms (speech task: ``normalize``; joint
+    multimodal task: ``audio_normalize``)."""
+    return bool(task.get("normalize", task.get("audio_normalize", True)))
+
+
 class FinetuneModel(BaseFairseqModel):
     """A pretrained ``Data2Vec`` encoder (``self.encoder``) plus a task head."""
 
