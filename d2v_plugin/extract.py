@@ -94,8 +94,6 @@ class Extractor:
     def features(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor],
                  layer="last") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A batch -> (B, T, D) or, for ``all``, (B, L, T, D) features and the (B, T) padding."""
-        from .modules.targets import build_targets
-
         m, E = self.model, self.encoder.num_extra
         outputs: List[torch.Tensor] = []
         hooks = [blk.register_forward_hook(lambda mod, i, o: outputs.append(o[0])) for blk in m.blocks]
@@ -107,10 +105,7 @@ class Extractor:
                 h.remove()
         pad = out["padding_mask"]
         if layer == "avg_top_k":
-            K = m.cfg.average_top_k_layers
-            ffn = [y[:, E:] for y in out["layer_results"][-K:]]
-            norm_pad = pad if m.cfg.padding_aware else None
-            return build_targets(ffn, K, m.cfg.target_layer_norm, m.cfg.target_final_norm, norm_pad), pad
+            return m.make_targets([y[:, E:] for y in out["layer_results"][-m.cfg.average_top_k_layers:]], pad), pad
         if layer == "all":
             return torch.stack([y[:, E:] for y in outputs], dim=1), pad
         return out["x"], pad
@@ -224,11 +219,15 @@ def read_inputs(paths: Sequence[str], modality: str) -> List[str]:
                     items += [line.rstrip("\n") for line in f if line.strip()]
                 except UnicodeDecodeError as e:
                     raise ExtractError(f"{p}: not UTF-8 text ({e}); fix the file or pass its sentences in UTF-8") from e
-        elif p.endswith(".tsv"):
-            with open(p, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-            root = lines[0].strip()
-            items += [os.path.join(root, line.split("\t")[0]) for line in lines[1:] if line.strip()]
+        elif p.endswith(".tsv"):  # a speech manifest or an image list: the plugin's own readers check it
+            from .data.audio import read_manifest
+            from .data.image import read_image_list
+
+            try:
+                root, entries = (read_manifest if modality == "audio" else read_image_list)(p)
+            except ValueError as e:
+                raise ExtractError(str(e)) from e
+            items += [os.path.join(root, e[0]) for e in entries]
         else:
             items.append(p)
     if not items:

@@ -82,7 +82,6 @@ def test_features_equal_extract_features(checkpoints, speech_corpus, modality):
             ref = model.extract_features(src[None], modality=modality)
             first = model.extract_features(src[None], modality=modality, layer=0)["x"][0]
         K = model.cfg.average_top_k_layers
-        targets = build_targets(ref["layer_results"][-K:], K, model.cfg.target_layer_norm, model.cfg.target_final_norm)[0]
         E = model.modality_encoders[modality].num_extra
         targets = build_targets([y[:, E:] for y in ref["layer_results"][-K:]], K, model.cfg.target_layer_norm,
                                 model.cfg.target_final_norm)[0]

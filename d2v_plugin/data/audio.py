@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..modules.feature_extractor import ConvLayerSpec, conv_output_lengths
 from ..modules.masking import MaskSettings, seeded_generator
-from .base import ListedFilesDataset
+from .base import ListedFilesDataset, read_root_list
 
 logger = logging.getLogger(__name__)
 
@@ -30,16 +30,10 @@ class AudioDataError(ValueError):
 
 def read_manifest(path: str):
     """-> root, [(relative path, num_samples, line number)]."""
-    if not os.path.isfile(path):
-        raise AudioDataError(f"{path}: manifest not found. Create it with `python -m d2v_plugin.prep.audio_manifest AUDIO_DIR --dest DIR`")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if not lines:
-        raise AudioDataError(f"{path}: empty manifest; its first line must be the audio root directory")
-    root, entries = lines[0].strip(), []
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
+    root, lines = read_root_list(path, AudioDataError, "manifest",
+                                 "python -m d2v_plugin.prep.audio_manifest AUDIO_DIR --dest DIR", "audio")
+    entries = []
+    for n, line in lines:
         parts = line.split("\t")
         if len(parts) != 2 or not parts[1].strip().isdigit():
             raise AudioDataError(f"{path}, line {n}: expected 'relative/path<TAB>num_samples', got {line!r}")

@@ -3,10 +3,23 @@ that never drops the last partial batch."""
 from __future__ import annotations
 
 import os
-from typing import Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import numpy as np
 from fairseq.data import FairseqDataset
+
+
+def read_root_list(path: str, error: type, name: str, made_by: str, root_kind: str) -> Tuple[str, List[Tuple[int, str]]]:
+    """A list file whose first line is the root folder and then one entry per line (wav2vec
+    manifests, image lists) -> root, [(line number, line)] with blank lines skipped; a
+    missing or empty file raises ``error`` naming it and the command that makes it."""
+    if not os.path.isfile(path):
+        raise error(f"{path}: {name} not found. Create it with `{made_by}`")
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    if not lines:
+        raise error(f"{path}: empty {name}; its first line must be the {root_kind} root directory")
+    return lines[0].strip(), [(n, line) for n, line in enumerate(lines[1:], start=2) if line.strip()]
 
 
 class CompleteBatches:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..modules.masking import MaskSettings, seeded_generator
-from .base import ListedFilesDataset
+from .base import ListedFilesDataset, read_root_list
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -31,19 +31,13 @@ class ImageDataError(ValueError):
 
 def read_image_list(path: str) -> Tuple[str, List[Tuple[str, str, int]]]:
     """-> root, [(relative path, label, line number)]."""
-    if not os.path.isfile(path):
-        raise ImageDataError(f"{path}: image list not found. Create it with `python -m d2v_plugin.prep.image_folder IMAGE_ROOT --dest DIR`")
-    with open(path, encoding="utf-8") as f:
-        lines = f.read().splitlines()
-    if not lines:
-        raise ImageDataError(f"{path}: empty list; its first line must be the image root directory")
+    root, lines = read_root_list(path, ImageDataError, "image list",
+                                 "python -m d2v_plugin.prep.image_folder IMAGE_ROOT --dest DIR", "image")
     entries = []
-    for n, line in enumerate(lines[1:], start=2):
-        if not line.strip():
-            continue
+    for n, line in lines:
         rel, _, label = line.partition("\t")
         entries.append((rel, label.strip(), n))
-    return lines[0].strip(), entries
+    return root, entries
 
 
 def load_image(path: str, where: str) -> Tensor:

@@ -59,7 +59,7 @@ def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
     except FileNotFoundError as e:
         raise PretrainedCheckpointError(f"model.pretrained_path={path!r}: file not found") from e
     cfg = ckpt.get("cfg")
-    if cfg is not None and OmegaConf.select(OmegaConf.create(cfg), "model._name") in OFFICIAL_MODELS:
+    if cfg is not None and (cfg.get("model") or {}).get("_name") in OFFICIAL_MODELS:
         logger.info("%s: an official %s checkpoint, converted on load", path, cfg["model"]["_name"])
         ckpt = convert_checkpoint(ckpt)
         cfg = ckpt["cfg"]

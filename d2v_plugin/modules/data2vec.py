@@ -174,8 +174,14 @@ class Data2Vec(nn.Module):
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         _, layer_outputs = self.encode(enc, x, padding_mask, positions, self.teacher.blocks, keep_last=K)
         layer_outputs = [y[:, E:] for y in layer_outputs]
+        return self.make_targets(layer_outputs, padding_mask), layer_outputs
+
+    def make_targets(self, layer_outputs, padding_mask: Optional[Tensor]) -> Tensor:
+        """FFN outputs of the top K blocks, each (B, T, D) without extra tokens -> the
+        normalised average (B, T, D) fp32 (padding excluded from statistics if padding_aware)."""
         norm_pad = padding_mask if self.cfg.padding_aware else None
-        return build_targets(layer_outputs, K, self.cfg.target_layer_norm, self.cfg.target_final_norm, norm_pad), layer_outputs
+        return build_targets(layer_outputs, self.cfg.average_top_k_layers, self.cfg.target_layer_norm,
+                             self.cfg.target_final_norm, norm_pad)
 
     def forward_student(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], mask: Tensor):
         """-> predictions at masked positions (N, D), row-major over (B * clone_batch, T), and
