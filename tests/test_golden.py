@@ -21,32 +21,24 @@ GOLDEN_DIR = Path(os.environ.get("D2V_GOLDEN_DIR", Path(__file__).parent / "gold
 TOL = 1e-5
 
 
-def _is_audio(path: Path) -> bool:
+def fixture_kind(path: Path) -> str:
+    """audio (v1 or v2), image, text_v2 or text_v1, from the file's family and weights."""
     r = torch.load(path, weights_only=True)
-    if r.get("family") == "data2vec1_audio":
-        return True
-    return r.get("family") == "data2vec2" and any(k.startswith("modality_encoders.AUDIO.") for k in r["state_dict"])
-
-
-def _is_image(path: Path) -> bool:
-    r = torch.load(path, weights_only=True)
-    return r.get("family") == "data2vec2" and any(k.startswith("modality_encoders.IMAGE.") for k in r["state_dict"])
-
-
-def _is_text_v2(path: Path) -> bool:
-    r = torch.load(path, weights_only=True)
-    return r.get("family") == "data2vec2" and any(k.startswith("modality_encoders.TEXT.") for k in r["state_dict"])
-
-
-def _is_text_v1(path: Path) -> bool:
-    return torch.load(path, weights_only=True).get("family") == "data2vec1_text"
+    family = r.get("family")
+    if family in ("data2vec1_audio", "data2vec1_text"):
+        return {"data2vec1_audio": "audio", "data2vec1_text": "text_v1"}[family]
+    for prefix, kind in (("AUDIO", "audio"), ("IMAGE", "image"), ("TEXT", "text_v2")):
+        if family == "data2vec2" and any(k.startswith(f"modality_encoders.{prefix}.") for k in r["state_dict"]):
+            return kind
+    return "unknown"
 
 
 MODEL_FILES = sorted(p for p in GOLDEN_DIR.glob("*.pt") if p.name != "components.pt")
-AUDIO_FIXTURES = [p for p in MODEL_FILES if _is_audio(p)]
-IMAGE_FIXTURES = [p for p in MODEL_FILES if _is_image(p)]
-TEXT_FIXTURES = [p for p in MODEL_FILES if _is_text_v2(p)]
-TEXT_V1_FIXTURES = [p for p in MODEL_FILES if _is_text_v1(p)]
+KINDS = {p: fixture_kind(p) for p in MODEL_FILES}
+AUDIO_FIXTURES = [p for p in MODEL_FILES if KINDS[p] == "audio"]
+IMAGE_FIXTURES = [p for p in MODEL_FILES if KINDS[p] == "image"]
+TEXT_FIXTURES = [p for p in MODEL_FILES if KINDS[p] == "text_v2"]
+TEXT_V1_FIXTURES = [p for p in MODEL_FILES if KINDS[p] == "text_v1"]
 
 
 def test_fixtures_present():
