@@ -1,94 +1,294 @@
-"""Pretraining step benchmark: seconds per update, audio seconds per second, peak memory.
+"""Pretraining step benchmark for every modality: data2vec 1.0 and 2.0, several sizes and
+``clone_batch`` values.
 
-    python bench/pretrain.py [--out data/bench/pretrain.json] [--reps 5]
+    python bench/pretrain.py [--modalities audio,image,text] [--sizes tiny,small,base]
+                             [--clones 1,4,8,16] [--reps 5] [--device cpu|cuda] [--out JSON]
 
-Each (size, algorithm, clone_batch) runs in its own process (clean peak RSS): one full
-update = forward (teacher + student), backward, Adam step, EMA step, on a batch of
-B utterances of S seconds. Reports the median of --reps timed updates after warm-up;
-"s / view" divides by B * clone_batch, the cost of one masked view of one sample.
+The model settings are the shipped YAMLs' ``model:`` sections (``config/pretrain/<modality>/
+{tiny,base}_{v1,v2}.yaml``; ``small`` = the tiny YAML at depth 6, width 256, the
+reference side-by-side shape), with ``clone_batch`` overridden for v2 (data2vec 1.0 reads
+one masked view). Each configuration runs in its own process, so peak memory (CPU: peak
+RSS; GPU: peak allocated) belongs to it alone. One update = masks (what data workers do),
+forward (teacher + student + decoder + loss), backward, Adam step, EMA step; the table
+reports the median of ``--reps`` timed updates after two warm-up updates, and the median
+time of each part of the step:
+
+    data     mask drawing for the batch (BM masks; a data-loader worker's job in training)
+    local    the student's local encoder (conv feature extractor / patch / token embedding)
+    teacher  the EMA teacher's forward pass and target construction (once per sample)
+    student  the shared blocks on the masked views (v2: kept tokens only)
+    decoder  v2: the conv decoder (and the scatter into the full sequence); v1: the head
+    loss     regression loss and diagnostics
+    backward / optimizer / ema
+
+"s/view" divides an update by B x clone_batch: the cost of one masked view of one sample.
+On a GPU the step runs in bf16 autocast and the table adds model FLOPs utilisation
+(FLOPs counted by ``torch.utils.flop_counter`` over one update / (time x peak bf16)).
 """
+from __future__ import annotations
+
 import argparse
 import json
 import os
+import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from collections import defaultdict
+from contextlib import contextmanager, nullcontext
 
-SIZES = {
-    "tiny": dict(depth=4, embed_dim=128, num_heads=4, average_top_k_layers=3, audio_decoder_dim=64, audio_decoder_layers=2,
-                 audio_decoder_groups=4, audio_conv_pos_width=32, audio_conv_pos_depth=2, audio_conv_pos_groups=4,
-                 audio_conv_feature_layers="[(64, 10, 5)] + [(64, 3, 2)] * 4 + [(64, 2, 2)] * 2"),
-    "small": dict(depth=6, embed_dim=256, num_heads=4, average_top_k_layers=4, audio_decoder_dim=128, audio_decoder_layers=3,
-                  audio_decoder_groups=8, audio_conv_pos_width=64, audio_conv_pos_depth=2, audio_conv_pos_groups=8,
-                  audio_conv_feature_layers="[(256, 10, 5)] + [(256, 3, 2)] * 4 + [(256, 2, 2)] * 2"),
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = dict(depth=6, embed_dim=256, num_heads=4, average_top_k_layers=4)
+# per (modality, size): batch and input shape on CPU (GPU runs multiply the batch by --gpu-batch-mult)
+INPUTS = {
+    ("audio", "tiny"): dict(batch=4, seconds=4.0), ("audio", "small"): dict(batch=4, seconds=4.0),
+    ("audio", "base"): dict(batch=2, seconds=4.0),
+    ("image", "tiny"): dict(batch=32), ("image", "small"): dict(batch=32), ("image", "base"): dict(batch=4),
+    ("text", "tiny"): dict(batch=16, tokens=128), ("text", "small"): dict(batch=16, tokens=128),
+    ("text", "base"): dict(batch=4, tokens=128),
 }
-RUNS = [("v1", 1), ("v2", 1), ("v2", 8)]
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+PARTS = ("data", "local", "teacher", "student", "decoder", "loss", "backward", "optimizer", "ema")
 
 
-def one(size: str, algorithm: str, clone: int, batch: int, seconds: float, reps: int) -> dict:
-    import torch
+def model_config(modality: str, size: str, algorithm: str, clone: int, vocab: int = 8000):
+    """The shipped YAML's model section as a D2vMultiConfig."""
+    from omegaconf import OmegaConf
 
     from d2v_plugin.models.config import D2vMultiConfig
+
+    name = "tiny" if size == "small" else size
+    path = os.path.join(ROOT, "config", "pretrain", modality, f"{name}_{algorithm}.yaml")
+    kw = {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path).model).items() if k != "_name"}
+    if size == "small":
+        kw.update(SMALL)
+    if algorithm == "v2" and clone is not None:
+        kw["clone_batch"] = clone
+    if modality == "text":
+        kw.update(text_vocab_size=vocab, text_mask_index=vocab - 1)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(D2vMultiConfig), kw)), path
+
+
+def make_batch(modality: str, size: str, cfg, mult: int, device):
+    """Synthetic inputs of the benchmark shape: (source, padding_mask, units per sample)."""
+    import torch
+
+    shape = INPUTS[(modality, size)]
+    B = shape["batch"] * mult
+    if modality == "audio":
+        n = int(shape["seconds"] * 16000)
+        return torch.randn(B, n, device=device), None, shape["seconds"]
+    if modality == "image":
+        s = cfg.image_input_size
+        return torch.randn(B, 3, s, s, device=device), None, 1
+    L = shape["tokens"]
+    tokens = torch.randint(4, cfg.text_vocab_size - 1, (B, L), device=device)
+    tokens[:, 0], tokens[:, -1] = 0, 2  # <s> ... </s>
+    return tokens, None, L
+
+
+class PartTimer:
+    """Wraps model methods so each call adds its wall time to a named part (synchronising
+    the GPU around it when asked); nested parts are subtracted from their parent."""
+
+    def __init__(self, sync):
+        self.sync, self.acc, self.stack = sync, defaultdict(float), []
+
+    @contextmanager
+    def part(self, name):
+        self.sync()
+        start = time.perf_counter()
+        self.stack.append(0.0)
+        try:
+            yield
+        finally:
+            self.sync()
+            total = time.perf_counter() - start
+            inner = self.stack.pop()
+            self.acc[name] += total - inner
+            if self.stack:
+                self.stack[-1] += total
+
+    def wrap(self, obj, method, name):
+        fn = getattr(obj, method)
+
+        def timed(*a, **k):
+            with self.part(name):
+                return fn(*a, **k)
+
+        setattr(obj, method, timed)
+
+
+def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=False) -> dict:
+    import torch
+
     from d2v_plugin.models.d2v_multi import D2vMultiModel
 
     torch.manual_seed(0)
-    kw = dict(SIZES[size], algorithm=algorithm, clone_batch=clone, layerdrop=0.0)
-    if algorithm == "v1":
-        kw.update(audio_mask_type="span", audio_mask_prob=0.65, audio_mask_length=10, audio_use_alibi=False)
-    model = D2vMultiModel(D2vMultiConfig(**kw)).train()
+    cfg, path = model_config(modality, size, algorithm, clone)
+    if compile_blocks:
+        cfg.compile = True
+    model = D2vMultiModel(cfg).to(device).train()
+    d2v = model
+    enc = d2v.modality_encoders[modality]
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    source = torch.randn(batch, int(seconds * 16000))
-    times = []
+    source, pad, units = make_batch(modality, size, cfg, mult, device)
+    B = source.shape[0]
+    M = cfg.clone_batch
+    gpu = device != "cpu"
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else nullcontext
+
+    timer = PartTimer(sync)
+    timer.wrap(enc, "local_features", "local")
+    timer.wrap(d2v, "forward_teacher", "teacher")
+    timer.wrap(d2v, "forward_student", "student")
+    timer.wrap(d2v, "forward_loss", "loss")
+    if enc.decoder is not None:
+        timer.wrap(enc.decoder, "forward", "decoder")
+        timer.wrap(d2v, "decoder_input", "decoder")
+    if d2v.final_proj is not None:
+        timer.wrap(d2v.final_proj, "forward", "decoder")
+    with torch.no_grad():
+        T = enc.local_features(source[:1], None)[0].shape[1]
+    timer.acc.clear()
+
+    def step(i):
+        with timer.part("data"):
+            mask = enc.masking(enc.frame_lengths(None, B, T), T).to(device, non_blocking=True)
+        with autocast():
+            out = model(source, pad, mask=mask, modality=modality)
+        with timer.part("backward"):
+            (out["losses"]["regression"] / out["sample_size"]).backward()
+        with timer.part("optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with timer.part("ema"):
+            model.ema_step(i + 1)
+
+    times, parts = [], defaultdict(list)
     for i in range(reps + 2):
+        timer.acc.clear()
+        if gpu and i == 2:
+            torch.cuda.reset_peak_memory_stats()
+        sync()
         start = time.perf_counter()
-        out = model(source)
-        (out["losses"]["regression"] / out["sample_size"]).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        model.ema_step(i + 1)
+        step(i)
+        sync()
         if i >= 2:
             times.append(time.perf_counter() - start)
+            for p in PARTS:
+                parts[p].append(timer.acc.get(p, 0.0))
     sec = statistics.median(times)
-    n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("teacher."))
-    return dict(size=size, algorithm=algorithm, clone_batch=clone, batch=batch, seconds_per_sample=seconds,
-                params_m=round(n_params / 1e6, 2), sec_per_update=sec, sec_per_update_all=times,
-                audio_sec_per_sec=batch * seconds / sec, sec_per_view=sec / (batch * clone),
-                peak_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, threads=torch.get_num_threads())
+    row = dict(modality=modality, size=size, algorithm=algorithm, clone_batch=M, batch=B, config=os.path.relpath(path, ROOT),
+               depth=cfg.depth, embed_dim=cfg.embed_dim, frames=T,
+               params_m=round(sum(p.numel() for n, p in model.named_parameters() if ".teacher." not in f".{n}") / 1e6, 2),
+               sec_per_update=sec, sec_per_update_all=times, sec_per_view=sec / (B * M),
+               throughput=B * units / sec, throughput_unit={"audio": "audio s/s", "image": "images/s", "text": "tokens/s"}[modality],
+               parts={p: statistics.median(v) for p, v in parts.items()})
+    row["ema_pct"] = 100 * row["parts"]["ema"] / sec
+    if gpu:
+        row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row.update(flops_and_mfu(model, step, sec))
+    else:
+        row["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        row["threads"] = torch.get_num_threads()
+    return row
+
+
+def flops_and_mfu(model, step, sec) -> dict:
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step(10**6)
+    flops = counter.get_total_flops()
+    name = torch.cuda.get_device_name()
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return dict(gflop_per_update=flops / 1e9, gpu=name,
+                mfu_pct=None if peak is None else 100 * flops / sec / (peak * 1e12))
+
+
+def device_name(device: str) -> str:
+    if device != "cpu":
+        import torch
+
+        return torch.cuda.get_device_name()
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
+    return f"{model}, {os.cpu_count()} cores"
+
+
+def print_table(rows):
+    gpu = any("mfu_pct" in r for r in rows)
+    head = (f"{'modality':<8} {'size':<5} {'alg':<3} {'M':>2} {'B':>3} {'params':>7} {'s/update':>9} {'throughput':>17} "
+            f"{'s/view':>8} {'peak MiB':>8} " + " ".join(f"{p[:7]:>7}" for p in PARTS) + (" MFU%" if gpu else ""))
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        parts = " ".join(f"{100 * r['parts'][p] / r['sec_per_update']:>6.1f}%" for p in PARTS)
+        tp = f"{r['throughput']:.1f} {r['throughput_unit'].split()[0]}"
+        print(f"{r['modality']:<8} {r['size']:<5} {r['algorithm']:<3} {r['clone_batch']:>2} {r['batch']:>3} {r['params_m']:>6}M "
+              f"{r['sec_per_update']:>9.3f} {tp:>17} {r['sec_per_view']:>8.4f} {r['peak_mem_mib']:>8.0f} {parts}"
+              + (f" {r['mfu_pct']:.1f}" if gpu and r.get("mfu_pct") is not None else ""))
+
+
+def summary(rows):
+    out = []
+    for (mod, size) in sorted({(r["modality"], r["size"]) for r in rows}):
+        by = {(r["algorithm"], r["clone_batch"]): r for r in rows if (r["modality"], r["size"]) == (mod, size)}
+        v2 = sorted(c for a, c in by if a == "v2")
+        if ("v2", 1) in by:
+            for c in v2[1:]:
+                out.append(f"{mod} {size}: v2 cost per masked view at clone_batch {c} = "
+                           f"{by[('v2', c)]['sec_per_view'] / by[('v2', 1)]['sec_per_view']:.2f}x clone_batch 1")
+        for c in v2:
+            out.append(f"{mod} {size}: EMA = {by[('v2', c)]['ema_pct']:.1f}% of a v2 step (clone_batch {c})")
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="data/bench/pretrain.json", help="JSON output path")
-    ap.add_argument("--reps", type=int, default=5, help="timed updates per run (median reported)")
-    ap.add_argument("--batch", type=int, default=4, help="utterances per batch")
-    ap.add_argument("--seconds", type=float, default=4.0, help="seconds of audio per utterance")
-    ap.add_argument("--sizes", default="tiny,small", help="comma-separated sizes")
-    ap.add_argument("--one", nargs=3, metavar=("SIZE", "ALGO", "CLONE"), help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=5, help="timed updates per configuration (median reported)")
+    ap.add_argument("--modalities", default="audio,image,text", help="comma-separated modalities")
+    ap.add_argument("--sizes", default="tiny,small,base", help="comma-separated sizes: tiny, small, base")
+    ap.add_argument("--algorithms", default="v1,v2", help="comma-separated: v1, v2")
+    ap.add_argument("--clones", default="1,4,8,16", help="v2 clone_batch values (masked views per sample)")
+    ap.add_argument("--base-clones", default="1,8", help="v2 clone_batch values at base size (slow on a CPU)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
+    ap.add_argument("--gpu-batch-mult", type=int, default=8, help="batch multiplier on a GPU")
+    ap.add_argument("--compile", action="store_true", help="run the blocks through torch.compile (model.compile)")
+    ap.add_argument("--one", nargs=4, metavar=("MOD", "SIZE", "ALGO", "CLONE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
+    mult = a.gpu_batch_mult if a.device != "cpu" else 1
     if a.one:
-        print(json.dumps(one(a.one[0], a.one[1], int(a.one[2]), a.batch, a.seconds, a.reps)))
+        mod, size, algo, clone = a.one
+        print(json.dumps(one(mod, size, algo, int(clone), a.reps, a.device, mult, a.compile)))
         return
     rows = []
-    for size in a.sizes.split(","):
-        for algorithm, clone in RUNS:
-            cmd = [sys.executable, __file__, "--one", size, algorithm, str(clone), "--reps", str(a.reps),
-                   "--batch", str(a.batch), "--seconds", str(a.seconds)]
-            out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows.append(json.loads(out))
-    head = f"{'size':<6} {'algo':<4} {'M':>2} {'params':>7} {'s/update':>9} {'audio s/s':>10} {'s/view':>8} {'peak MiB':>9}"
-    print(head)
-    for r in rows:
-        print(f"{r['size']:<6} {r['algorithm']:<4} {r['clone_batch']:>2} {r['params_m']:>6}M {r['sec_per_update']:>9.3f} "
-              f"{r['audio_sec_per_sec']:>10.1f} {r['sec_per_view']:>8.4f} {r['peak_rss_mib']:>9.0f}")
-    for size in a.sizes.split(","):
-        by = {(r["algorithm"], r["clone_batch"]): r for r in rows if r["size"] == size}
-        print(f"{size}: v2 M=8 vs M=1 cost per masked view: {by[('v2', 8)]['sec_per_view'] / by[('v2', 1)]['sec_per_view']:.2f}x; "
-              f"v2 M=1 vs v1 seconds per update: {by[('v2', 1)]['sec_per_update'] / by[('v1', 1)]['sec_per_update']:.2f}x")
+    for mod in a.modalities.split(","):
+        for size in a.sizes.split(","):
+            for algo in a.algorithms.split(","):
+                clones = [1] if algo == "v1" else [int(c) for c in (a.base_clones if size == "base" else a.clones).split(",")]
+                for clone in clones:
+                    cmd = [sys.executable, os.path.abspath(__file__), "--one", mod, size, algo, str(clone), "--reps", str(a.reps),
+                           "--device", a.device, "--gpu-batch-mult", str(a.gpu_batch_mult)] + (["--compile"] if a.compile else [])
+                    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+                    if res.returncode:
+                        sys.exit(f"{mod} {size} {algo} clone_batch {clone} failed:\n{res.stderr[-3000:]}")
+                    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                    print(f"  {mod} {size} {algo} M={clone}: {rows[-1]['sec_per_update']:.3f} s/update", file=sys.stderr)
+    print(f"device: {device_name(a.device)}; medians of {a.reps} updates; parts in % of an update")
+    print_table(rows)
+    lines = summary(rows)
+    print("\n".join(lines))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"device": "cpu", "batch": a.batch, "seconds": a.seconds, "reps": a.reps, "runs": rows}, f, indent=1)
+        json.dump({"device": device_name(a.device), "reps": a.reps, "command": " ".join(sys.argv), "runs": rows,
+                   "summary": lines}, f, indent=1)
     print(f"wrote {a.out}")
 
 

@@ -6,10 +6,16 @@ imported here), and allow-lists the few classes fairseq
 checkpoints pickle so ``torch.load``'s safe loader (default since torch 2.6) accepts
 them without turning it off.
 """
+import logging
+
 from . import checkpoints  # noqa: F401  (allow-lists checkpoint globals)
 from .criterions import classification, ctc, d2v  # noqa: F401
 from .extract import load  # noqa: F401  (d2v_plugin.load(path).extract(inputs))
 from .models import d2v_ctc, d2v_image_classifier, d2v_multi, d2v_text_classifier  # noqa: F401
 from .tasks import asr_finetuning, audio_pretraining, image, multimodal, text  # noqa: F401
+
+# fairseq's wav2vec2_classification module sets the root logger to DEBUG when imported,
+# which makes Pillow log every PNG chunk in our own command-line tools
+logging.getLogger("PIL").setLevel(logging.INFO)
 
 __version__ = "0.1.0"

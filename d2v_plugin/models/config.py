@@ -248,6 +248,11 @@ class D2vMultiConfig(TextEncoderConfig, ImageEncoderConfig, AudioEncoderConfig):
         default=False,
         metadata={"help": "copy the positional conv into the teacher instead of averaging it (data2vec 1.0 speech)"},
     )
+    compile_blocks: bool = field(
+        default=False,
+        metadata={"help": "run the shared Transformer blocks (student and teacher) through torch.compile; if "
+                          "compiling fails the model logs a warning and runs them eagerly"},
+    )
     ema_sync_check_interval: int = field(
         default=1000,
         metadata={"help": "multi-process training: every N updates check that all ranks hold the same teacher "

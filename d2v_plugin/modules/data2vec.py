@@ -89,6 +89,9 @@ class Data2Vec(nn.Module):
         )
         self.teacher: Optional[EMATeacher] = None
         self.make_teacher()
+        self.compiled = False
+        if getattr(cfg, "compile_blocks", False):
+            self.compile_blocks()
         self._register_state_dict_hook(_teacher_to_ema_entry)
         self._register_load_state_dict_pre_hook(_ema_entry_to_teacher, with_module=True)
 
@@ -105,6 +108,34 @@ class Data2Vec(nn.Module):
             f"modality_encoders.{m}.{name}." for m, enc in self.modality_encoders.items() for name in enc.ema_copied
         )
         self.teacher = EMATeacher({"modality_encoders": encoders, "blocks": self.blocks}, copy_prefixes)
+
+    # -- torch.compile -----------------------------------------------------------------
+    def shared_blocks(self):
+        return list(self.blocks) + (list(self.teacher.blocks) if self.teacher is not None else [])
+
+    def compile_blocks(self) -> bool:
+        """Compile every shared block in place (``nn.Module.compile``: parameter names and
+        checkpoints unchanged). A forward + backward through one compiled block checks the
+        toolchain first; on failure the blocks stay eager and a warning says why."""
+        blocks = self.shared_blocks()
+        try:
+            for b in blocks:
+                b.compile(dynamic=True)
+            probe = blocks[0]
+            x = torch.randn(2, 3, self.cfg.embed_dim, device=probe.norm1.weight.device, requires_grad=True)
+            sum(t.sum() for t in probe(x)).backward()
+            probe.zero_grad(set_to_none=True)
+            self.compiled = True
+        except Exception as err:  # no compiler, unsupported platform or op: keep the eager blocks
+            self.uncompile_blocks()
+            logger.warning("model.compile_blocks: torch.compile failed (%s: %s); running the blocks eagerly",
+                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+        return self.compiled
+
+    def uncompile_blocks(self) -> None:
+        for b in self.shared_blocks():
+            b._compiled_call_impl = None
+        self.compiled = False
 
     # -- EMA ---------------------------------------------------------------------------
     def set_num_updates(self, num_updates: int) -> None:
@@ -155,7 +186,15 @@ class Data2Vec(nn.Module):
         x = enc.context(x, bias)
         if blocks is not self.teacher_blocks():
             x = self.dropout_input(x)  # the student's; the teacher runs without dropout
-        return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
+        if not self.compiled:
+            return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
+        try:
+            return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
+        except Exception as err:  # a graph torch.compile cannot build: fall back for good
+            logger.warning("model.compile_blocks: compiled blocks failed (%s: %s); running them eagerly from now on",
+                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            self.uncompile_blocks()
+            return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
 
     def teacher_blocks(self) -> Optional[nn.ModuleList]:
         return None if self.teacher is None else self.teacher.blocks
@@ -206,7 +245,7 @@ class Data2Vec(nn.Module):
             keep_pad = keep_pad | torch.gather(pad, 1, keep_ids)
         h, _ = self.encode(enc, x, keep_pad if keep_pad.any() else None, keep_ids, self.blocks)
         cls_pred = h[:, E - 1] if E else None
-        return enc.decoder(self.decoder_input(h[:, E:], keep_ids, keep_pad, mask, enc))[mask], cls_pred
+        return enc.decoder(self.decoder_input(h[:, E:], keep_ids, keep_pad, mask, enc), mask), cls_pred
 
     def decoder_input(self, h: Tensor, keep_ids: Tensor, keep_pad: Tensor, mask: Tensor, enc) -> Tensor:
         """Encoder output at kept positions (BM, K, D) -> full sequence (BM, T, D) with

@@ -56,13 +56,14 @@ class ConvDecoder(nn.Module):
         return cls(cfg.embed_dim, get("dim"), get("kernel"), get("layers"), get("groups"), get("residual"),
                    get("projection_layers"), get("projection_ratio"), grid)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, T, D) (T = h * w row-major for a grid) -> (B, T, D)."""
+    def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """x: (B, T, D) (T = h * w row-major for a grid) -> predictions (B, T, D), or only
+        at the ``mask`` (B, T) positions, (N, D): the projection runs on those rows alone."""
         B, T, D = x.shape
-        x = x.transpose(1, 2)  # (B, D, T)
         if self.grid is not None:
-            x = x.reshape(B, D, *self.grid)  # (B, D, h, w)
-        for conv in self.layers:
+            x = x.reshape(B, *self.grid, D)  # (B, h, w, D)
+        for conv in self.layers:  # channels-last throughout
             y = conv_norm_gelu(conv, x)
-            x = x + y if self.residual and x.shape[1] == y.shape[1] else y
-        return self.proj(x.flatten(2).transpose(1, 2))
+            x = x + y if self.residual and x.shape[-1] == y.shape[-1] else y
+        x = x.reshape(B, T, -1)
+        return self.proj(x if mask is None else x[mask])

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .positional import conv_channels_last
+
 
 @dataclass(frozen=True)
 class ConvLayerSpec:
@@ -84,15 +86,16 @@ class ConvLayer(nn.Module):
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (B, C_in, L) -> (B, C, L')."""
-        x = self.dropout(self.conv(x))
+        """x: (B, L, C_in) time-major -> (B, L', C) (channels-last convolution: the
+        LayerNorm over channels needs no transposes)."""
+        x = self.dropout(conv_channels_last(self.conv, x))
         if self.norm_kind == "layer_norm":  # normalised in fp32, as fp16 overflows here
             n = self.norm
-            x = F.layer_norm(x.transpose(1, 2).float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps)
-            x = x.transpose(1, 2).type_as(self.conv.weight)
-        elif self.norm_kind == "group_norm":
+            x = F.layer_norm(x.float(), n.normalized_shape, n.weight.float(), n.bias.float(), n.eps).type_as(self.conv.weight)
+        elif self.norm_kind == "group_norm":  # per-channel statistics over time, on (B, C, L')
             n = self.norm
-            x = F.group_norm(x.float(), n.num_groups, n.weight.float(), n.bias.float(), n.eps).type_as(x)
+            x = F.group_norm(x.transpose(1, 2).float(), n.num_groups, n.weight.float(), n.bias.float(), n.eps)
+            x = x.transpose(1, 2).type_as(self.conv.weight)
         return F.gelu(x)
 
 
@@ -113,11 +116,12 @@ class ConvFeatureExtractor(nn.Module):
         return self.spec[-1].dim
 
     def forward(self, wav: Tensor) -> Tensor:
-        """wav: (B, L) samples -> (B, C, T) frames."""
-        x = wav.unsqueeze(1)
+        """wav: (B, L) samples -> (B, C, T) frames (a transposed view of time-major memory,
+        so ``.transpose(1, 2)`` gives contiguous (B, T, C) for free)."""
+        x = wav.unsqueeze(-1)  # (B, L, 1)
         for layer in self.layers:
             x = layer(x)
-        return x
+        return x.transpose(1, 2)
 
 
 def frame_padding_mask(padding_mask: Optional[Tensor], num_frames: int, layers: List[ConvLayerSpec]) -> Optional[Tensor]:

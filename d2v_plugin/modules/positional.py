@@ -46,12 +46,26 @@ def alibi_bias_1d(positions: Tensor, slopes: Tensor, scale: Optional[Tensor] = N
     return -dist[:, None, :, :] * per_head[None, :, None, None]
 
 
+def conv_channels_last(conv: nn.Module, x: Tensor) -> Tensor:
+    """x: (B, *S, C) contiguous, S one (time) or two (grid) sizes -> ``conv`` over S ->
+    (B, *S', C') contiguous. Runs as a channels-last 2-D convolution (a 1-D kernel k is a
+    (1, k) kernel), so no layout copies are needed around it or around a LayerNorm over
+    channels; same weights and result as ``conv`` on (B, C, *S)."""
+    if isinstance(conv, nn.Conv1d):
+        y = F.conv2d(x.unsqueeze(1).permute(0, 3, 1, 2), conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]),
+                     (0, conv.padding[0]), (1, conv.dilation[0]), conv.groups)  # (B, C', 1, T')
+        return y.permute(0, 2, 3, 1).squeeze(1)
+    return conv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
 def conv_norm_gelu(conv: nn.Module, x: Tensor) -> Tensor:
-    """x: (B, C, *S) with S one (time) or two (grid) sizes -> conv (output cropped to S:
-    an even kernel's extra step is dropped) -> LayerNorm over channels without affine
-    -> GELU, (B, C', *S). The unit of the positional encoder and of the 2.0 decoders."""
-    y = conv(x)[(..., *(slice(0, n) for n in x.shape[2:]))]
-    return F.gelu(F.layer_norm(y.movedim(1, -1), y.shape[1:2]).movedim(-1, 1))
+    """x: (B, *S, C) -> conv (output cropped to S: an even kernel's extra step is
+    dropped) -> LayerNorm over channels without affine -> GELU, (B, *S, C'). The unit of
+    the positional encoder and of the 2.0 decoders."""
+    y = conv_channels_last(conv, x)
+    if y.shape[1:-1] != x.shape[1:-1]:
+        y = y[(slice(None), *(slice(0, n) for n in x.shape[1:-1]))]
+    return F.gelu(F.layer_norm(y, y.shape[-1:]))
 
 
 def sincos_2d(dim: int, height: int, width: int) -> Tensor:
@@ -98,10 +112,9 @@ class ConvPositionalEncoder(nn.Module):
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, T, D) -> (B, T, D). With ``padding_mask`` (B, T) padded frames are zeroed
         between layers too, so a padded row gets exactly what it gets alone."""
-        x = x.transpose(1, 2)  # (B, D, T)
-        keep = None if padding_mask is None else (~padding_mask).unsqueeze(1).to(x.dtype)  # (B, 1, T)
+        keep = None if padding_mask is None else (~padding_mask).unsqueeze(-1).to(x.dtype)  # (B, T, 1)
         for conv in self.layers:
             x = conv_norm_gelu(conv, x)
             if keep is not None:
                 x = x * keep
-        return x.transpose(1, 2)
+        return x

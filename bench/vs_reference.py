@@ -1,0 +1,159 @@
+"""d2v_plugin beside the official fairseq data2vec 2.0 code, same settings, same run.
+
+    bash ../shared/reference/setup_reference.sh REF          # once: the official code in its own venv
+    python bench/vs_reference.py --ref REF --work DIR [--modalities audio,text,image] [--rounds 3]
+
+For each round and modality it runs ``official_bench.sh`` (the reference through
+``fairseq-hydra-train`` with its base v2 config shrunk to depth 4, width 256, 4 heads,
+clone_batch 8, top-4 targets, on small synthetic/Bible data it generates), then
+d2v_plugin's ``fairseq-hydra-train`` with the matching shipped config
+(``config/pretrain/<modality>/base_v2.yaml``) and the same overrides, the same data,
+batch, updates and threads. By default d2v_plugin runs in the reference's venv (same
+torch, same fairseq; only ``editdistance`` is added there), so the comparison isolates
+the model code. Seconds per update = median over the logged intervals (first dropped);
+peak memory = peak RSS from ``/usr/bin/time -v``. Prints a table (medians over rounds,
+plus the per-round speedups) and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+from datetime import datetime
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_REF = os.path.join(ROOT, "..", "shared", "reference")
+COMMON = ["common.fp16=false", "common.cpu=true", "common.log_interval=5", "common.tensorboard_logdir=null",
+          "common.seed=1", "dataset.num_workers=0", "distributed_training.distributed_world_size=1",
+          "checkpoint.no_save=true", "model.depth=4", "model.embed_dim=256", "model.num_heads=4",
+          "model.clone_batch=8", "model.average_top_k_layers=4", "lr_scheduler.warmup_updates=5"]
+
+
+def d2v_overrides(modality: str, work: str) -> list:
+    """The settings official_bench.sh gives the reference, in d2v_plugin's config names."""
+    if modality == "audio":
+        return [f"task.data={work}/audio", "task.max_sample_size=48000", "task.min_sample_size=8000",
+                "dataset.max_tokens=160000", "model.audio_decoder_dim=128"]
+    if modality == "text":
+        return [f"task.data={work}/text", "task.tokens_per_sample=128", "dataset.batch_size=8",
+                "optimization.clip_norm=1", "model.text_decoder_dim=256"]
+    return [f"task.data={work}/image_d2v", "task.input_size=32", "dataset.batch_size=16", "model.image_input_size=32",
+            "model.image_patch_size=4", "model.image_prenet_depth=1", "model.image_decoder_dim=128",
+            "model.image_decoder_layers=3"]
+
+
+def parse_log(path: str) -> dict:
+    """Median seconds per update between fairseq train_inner lines (first interval dropped), peak RSS."""
+    text = open(path, errors="replace").read()
+    rows = re.findall(r'(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+).{0,40}train_inner.*?"num_updates": "(\d+)"', text)
+    ts = [(datetime.strptime(a, "%Y-%m-%d %H:%M:%S,%f"), int(b)) for a, b in rows]
+    per = [(ts[i][0] - ts[i - 1][0]).total_seconds() / (ts[i][1] - ts[i - 1][1]) for i in range(2, len(ts))]
+    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
+    if not per or not rss:
+        raise RuntimeError(f"{path}: no timed intervals or no peak RSS; see the log")
+    return {"sec_per_update": statistics.median(per), "intervals": per, "peak_rss_mib": int(rss.group(1)) / 1024}
+
+
+def run_reference(a, modality: str) -> dict:
+    script = os.path.join(a.ref_scripts, "official_bench.sh")
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
+    subprocess.run(["bash", script, a.ref, a.work, modality, str(a.updates)], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    return parse_log(os.path.join(a.work, f"official_{modality}.log"))
+
+
+def image_lists(a) -> None:
+    """d2v_plugin's image lists for the reference's image folder (train/, val/)."""
+    dest = os.path.join(a.work, "image_d2v")
+    if os.path.isfile(os.path.join(dest, "train.tsv")):
+        return
+    src = os.path.join(a.work, "image_src")
+    os.makedirs(src, exist_ok=True)
+    for ours, theirs in (("train", "train"), ("valid", "val")):
+        if not os.path.exists(os.path.join(src, ours)):
+            os.symlink(os.path.join(a.work, "image", theirs), os.path.join(src, ours))
+    subprocess.run([a.python, "-m", "d2v_plugin.prep.image_folder", src, "--dest", dest], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+
+
+def run_d2v(a, modality: str, name: str, root: str) -> dict:
+    """d2v_plugin from the checkout ``root`` (a ``--variants`` entry)."""
+    if modality == "image":
+        image_lists(a)
+    exe = os.path.join(os.path.dirname(a.python), "fairseq-hydra-train")
+    log = os.path.join(a.work, f"d2v_{name}_{modality}.log")
+    cmd = ["/usr/bin/time", "-v", exe, "--config-dir", os.path.join(root, "config", "pretrain", modality),
+           "--config-name", "base_v2", f"common.user_dir={os.path.join(root, 'd2v_plugin')}",
+           f"optimization.max_update={a.updates}", f"checkpoint.save_dir={a.work}/ckpt_d2v_{modality}",
+           f"hydra.run.dir={a.work}/hydra_d2v_{modality}"] + COMMON + d2v_overrides(modality, a.work)
+    env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=root)
+    with open(log, "w") as f:
+        res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=root)
+    if res.returncode:
+        sys.exit(f"d2v_plugin {modality} failed (exit {res.returncode}); see {log}")
+    return parse_log(log)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--ref", required=True, help="directory built by setup_reference.sh (venv/, root/)")
+    ap.add_argument("--work", required=True, help="scratch directory for data, logs and checkpoints")
+    ap.add_argument("--ref-scripts", default=SHARED_REF, help="folder with official_bench.sh")
+    ap.add_argument("--python", default=None, help="python that runs d2v_plugin (default: the reference venv's)")
+    ap.add_argument("--modalities", default="audio,text,image", help="comma-separated modalities")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating reference / d2v_plugin runs per modality")
+    ap.add_argument("--updates", type=int, default=30, help="updates per run (logged every 5)")
+    ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both")
+    ap.add_argument("--variants", default=f"d2v_plugin={ROOT}",
+                    help="comma-separated NAME=CHECKOUT d2v_plugin trees to time beside the reference (e.g. "
+                         "before=/tmp/old,after=. for an optimisation's before/after row); the first is the headline")
+    ap.add_argument("--out", default="data/bench/vs_reference.json", help="JSON output path")
+    a = ap.parse_args()
+    a.ref, a.work = os.path.abspath(a.ref), os.path.abspath(a.work)
+    a.python = a.python or os.path.join(a.ref, "venv", "bin", "python")
+    if a.python.startswith(a.ref):  # the reference venv runs d2v_plugin too: add its one missing dependency
+        subprocess.run([a.python, "-m", "pip", "install", "-q", "editdistance"], check=True, stdout=subprocess.DEVNULL)
+    variants = [(v.split("=", 1)[0], os.path.abspath(v.split("=", 1)[1])) for v in a.variants.split(",")]
+    results = {}
+    for r in range(a.rounds):
+        for mod in a.modalities.split(","):
+            run = {"reference": run_reference(a, mod)}
+            for name, root in variants:
+                run[name] = run_d2v(a, mod, name, root)
+            results.setdefault(mod, []).append(run)
+            ref = run["reference"]["sec_per_update"]
+            print(f"round {r + 1} {mod}: reference {ref:.3f} s/update, " + ", ".join(
+                f"{n} {run[n]['sec_per_update']:.3f} ({ref / run[n]['sec_per_update']:.2f}x)" for n, _ in variants),
+                file=sys.stderr)
+    torch_version = subprocess.run([a.python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
+                                   text=True).stdout.strip()
+    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    print(f"CPU: {cpu}, OMP_NUM_THREADS={a.threads}, torch {torch_version}; {a.updates} updates per run, "
+          f"{a.rounds} rounds; medians (speedup = reference s/update / d2v_plugin s/update, per round, then median)")
+    print(f"{'modality':<8} {'variant':<12} {'s/update':>9} {'speedup':>8} {'per round':>18} {'peak MiB':>9}")
+    summary = {}
+    for mod, runs in results.items():
+        med = lambda who, key: statistics.median(x[who][key] for x in runs)  # noqa: E731
+        summary[mod] = {"reference": dict(sec_per_update=med("reference", "sec_per_update"),
+                                          peak_rss_mib=med("reference", "peak_rss_mib"))}
+        print(f"{mod:<8} {'reference':<12} {summary[mod]['reference']['sec_per_update']:>9.3f} {'1.00x':>8} {'':>18} "
+              f"{summary[mod]['reference']['peak_rss_mib']:>9.0f}")
+        for name, _ in variants:
+            ratios = [x["reference"]["sec_per_update"] / x[name]["sec_per_update"] for x in runs]
+            s = summary[mod][name] = dict(sec_per_update=med(name, "sec_per_update"), speedup=statistics.median(ratios),
+                                          speedups=ratios, peak_rss_mib=med(name, "peak_rss_mib"))
+            print(f"{mod:<8} {name:<12} {s['sec_per_update']:>9.3f} {s['speedup']:>7.2f}x "
+                  f"{' '.join(f'{x:.2f}' for x in ratios):>18} {s['peak_rss_mib']:>9.0f}")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out, "w") as f:
+        json.dump({"cpu": cpu, "threads": a.threads, "torch": torch_version, "updates": a.updates, "command": " ".join(sys.argv),
+                   "variants": dict(variants), "summary": summary, "runs": results}, f, indent=1)
+    print(f"wrote {a.out}")
+
+
+if __name__ == "__main__":
+    main()

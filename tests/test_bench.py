@@ -1,0 +1,131 @@
+"""The benchmark scripts' own pieces, and the optional torch.compile path of the model."""
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from .conftest import REPO, tiny_cfg
+
+sys.path.insert(0, os.path.join(REPO, "bench"))
+import plot  # noqa: E402
+import pretrain as bench_pretrain  # noqa: E402
+import time_to_quality  # noqa: E402
+
+from d2v_plugin.models.d2v_multi import D2vMultiModel  # noqa: E402
+
+
+def test_part_timer_subtracts_nested_parts():
+    timer = bench_pretrain.PartTimer(lambda: None)
+    with timer.part("student"):
+        time.sleep(0.05)
+        with timer.part("decoder"):
+            time.sleep(0.1)
+    assert 0.04 < timer.acc["student"] < 0.09  # the decoder's 0.1 s is not counted twice
+    assert 0.09 < timer.acc["decoder"] < 0.15
+
+
+def test_bench_configs_are_the_shipped_yamls():
+    cfg, path = bench_pretrain.model_config("image", "tiny", "v2", 8)
+    assert path.endswith("config/pretrain/image/tiny_v2.yaml")
+    assert (cfg.depth, cfg.embed_dim, cfg.clone_batch, cfg.norm_eps) == (4, 128, 8, 1e-6)  # 1e-6 parsed as a float
+    small, _ = bench_pretrain.model_config("audio", "small", "v1", 8)
+    assert (small.depth, small.embed_dim, small.clone_batch, small.algorithm) == (6, 256, 1, "v1")
+
+
+def test_bench_one_configuration_reports_every_part():
+    out = subprocess.run([sys.executable, "bench/pretrain.py", "--one", "image", "tiny", "v2", "2", "--reps", "1"],
+                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+    row = json.loads(out.strip().splitlines()[-1])
+    assert row["clone_batch"] == 2 and row["batch"] == 32 and row["frames"] == 64
+    assert set(row["parts"]) == set(bench_pretrain.PARTS)
+    assert all(v >= 0 for v in row["parts"].values()) and row["parts"]["teacher"] > 0 and row["parts"]["decoder"] > 0
+    assert sum(row["parts"].values()) <= row["sec_per_update"] * 1.05
+    assert row["sec_per_view"] == pytest.approx(row["sec_per_update"] / 64)
+
+
+def test_linear_probe_separates_separable_classes():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(3, 8, generator=g) * 4
+    y = torch.arange(300) % 3
+    x = centers[y] + torch.randn(300, 8, generator=g)
+    assert time_to_quality.linear_probe(x[:200], y[:200], x[200:], y[200:]) > 97
+    shuffled = y[torch.randperm(300, generator=g)]  # labels unrelated to the features: chance level
+    assert time_to_quality.linear_probe(x[:200], shuffled[:200], x[200:], shuffled[200:]) < 60
+
+
+def test_line_chart_writes_a_png(tmp_path):
+    from PIL import Image
+
+    path = str(tmp_path / "c.png")
+    plot.line_chart({"a": [(0, 50.0), (10, 60.0)], "b": [(0, 50.0), (5, 70.0)]}, path, "t", "x", "y", hline=(60.0, "h"))
+    img = Image.open(path)
+    assert img.size == (900, 560) and len(set(img.getdata())) > 3
+    assert plot.nice_ticks(0, 300) == [0, 50, 100, 150, 200, 250, 300]
+
+
+def audio_mask(model, src):
+    enc = model.modality_encoders["audio"]
+    T = enc.local_features(src, None)[0].shape[1]
+    return enc.masking(torch.full((src.shape[0],), T), T)
+
+
+def test_compile_falls_back_to_eager_when_compiling_fails(monkeypatch, caplog):
+    def broken(fn, *a, **k):
+        def run(*args, **kwargs):
+            raise RuntimeError("no compiler here")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    torch.manual_seed(0)
+    eager = D2vMultiModel(tiny_cfg())
+    torch.manual_seed(0)
+    with caplog.at_level(logging.WARNING):
+        model = D2vMultiModel(tiny_cfg(compile_blocks=True))
+    assert not model.compiled and "running the blocks eagerly" in caplog.text
+    assert all(b._compiled_call_impl is None for b in model.shared_blocks())
+    src = torch.randn(2, 4000)
+    mask = audio_mask(model, src)
+    torch.manual_seed(1)
+    a = eager(src, mask=mask)["losses"]["regression"]
+    torch.manual_seed(1)
+    b = model(src, mask=mask)["losses"]["regression"]
+    assert torch.equal(a, b)
+
+
+def test_compile_failure_at_run_time_falls_back(monkeypatch, caplog):
+    torch.manual_seed(0)
+    model = D2vMultiModel(tiny_cfg())
+    model.compiled = True  # as if compiled, with a block whose compiled call breaks on a new shape
+    calls = []
+
+    def breaks_once(*a, **k):
+        calls.append(1)
+        raise RuntimeError("unsupported graph")
+
+    model.blocks[0]._compiled_call_impl = breaks_once
+    src = torch.randn(2, 4000)
+    mask = audio_mask(model, src)
+    with caplog.at_level(logging.WARNING):
+        out = model(src, mask=mask)
+    assert calls and torch.isfinite(out["losses"]["regression"]) and not model.compiled
+    assert "running them eagerly from now on" in caplog.text
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager():
+    torch.manual_seed(0)
+    model = D2vMultiModel(tiny_cfg(compile_blocks=True))
+    assert model.compiled
+    src = torch.randn(2, 4000)
+    mask = audio_mask(model, src)
+    torch.manual_seed(1)  # the same decoder-input noise for both
+    compiled = model(src, mask=mask)["losses"]["regression"]
+    model.uncompile_blocks()
+    torch.manual_seed(1)
+    eager = model(src, mask=mask)["losses"]["regression"]
+    assert torch.allclose(compiled, eager, rtol=1e-5, atol=1e-5)
