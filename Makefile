@@ -38,6 +38,8 @@ demo: $(STAMP) sysdeps
 
 bench: $(STAMP) sysdeps
 	$(PY) bench/pretrain.py --out $(DATA)/bench/pretrain.json
+	$(PY) bench/time_to_quality.py --work $(DATA)/bench/ttq --out $(DATA)/bench/time_to_quality.json \
+	  --png $(DATA)/bench/time_to_quality.png
 
 clean:
 	rm -rf $(VENV) $(DATA)

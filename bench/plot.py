@@ -58,6 +58,7 @@ def line_chart(series: Dict[str, List[Tuple[float, float]]], path: str, title: s
         d.line([(px(x), py(y)) for x, y in pts], fill=c, width=3)
         for x, y in pts:
             d.ellipse([px(x) - 4, py(y) - 4, px(x) + 4, py(y) + 4], fill=c)
-        d.line([W - right - 190, top + 18 + 18 * i, W - right - 160, top + 18 + 18 * i], fill=c, width=3)
-        d.text((W - right - 152, top + 12 + 18 * i), name, fill="black")
+        ly = H - bottom - 18 * (len(series) - i) - 8  # legend: lower right, inside the axes
+        d.line([W - right - 190, ly, W - right - 160, ly], fill=c, width=3)
+        d.text((W - right - 152, ly - 6), name, fill="black")
     img.save(path)

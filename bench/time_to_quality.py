@@ -69,7 +69,8 @@ def pretrain(algorithm: str, lists: str, budget: float, snapshots: int, seed: in
     opt = torch.optim.AdamW(params, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
 
     def student_state():
-        return {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("_ema")}
+        return {k: v.clone() for k, v in model.state_dict().items() if k != "_ema"} | {
+            "_ema": {k: v.clone() for k, v in model.state_dict()["_ema"].items()}}
 
     snaps = [(0.0, 0, student_state())]
     elapsed, updates, epoch = 0.0, 0, 1
@@ -97,7 +98,7 @@ def pretrain(algorithm: str, lists: str, budget: float, snapshots: int, seed: in
             if elapsed + now - start >= next_snap or elapsed + now - start >= budget:
                 elapsed += now - start
                 snaps.append((elapsed, updates, student_state()))  # off the clock
-                print(f"  {algorithm}: {elapsed:.0f} s, {updates} updates, loss {float(loss):.3f}", file=sys.stderr)
+                print(f"  {algorithm}: {elapsed:.0f} s, {updates} updates, loss {float(loss.detach()):.3f}", file=sys.stderr)
                 next_snap += budget / snapshots
                 if elapsed >= budget:
                     break

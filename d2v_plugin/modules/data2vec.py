@@ -155,12 +155,16 @@ class Data2Vec(nn.Module):
         bool, True = masked (drawn here if None). Returns losses, sample_size and diagnostics."""
         modality = self.pick_modality(modality)
         enc = self.modality_encoders[modality]
-        feats, pad = enc.local_features(source, padding_mask)  # (B, T, D), (B, T) | None
-        B, T, _ = feats.shape
+        corrupts = getattr(enc, "corrupts_tokens", False)  # v1 text: the student embeds corrupted ids, the teacher clean ones
+        if corrupts:
+            (B, T), feats, pad = source.shape, None, enc.padding(source, padding_mask)
+        else:
+            feats, pad = enc.local_features(source, padding_mask)  # (B, T, D), (B, T) | None
+            B, T, _ = feats.shape
         if mask is None:
-            mask = enc.masking(enc.frame_lengths(pad, B, T), T).to(feats.device)
+            mask = enc.masking(enc.frame_lengths(pad, B, T), T).to(source.device)
         targets, _ = self.forward_teacher(modality, feats, pad, source)  # (B, T, D) fp32
-        if getattr(enc, "corrupts_tokens", False):  # v1 text: the student embeds the corrupted token ids
+        if corrupts:
             feats, _ = enc.local_features(enc.corrupt(source, mask), padding_mask)
         pred, cls_pred = self.forward_student(modality, feats, pad, mask)  # (N, D), (BM, D) | None
         return self.forward_loss(pred, targets, mask, cls_pred, enc.cls_loss)
@@ -202,7 +206,8 @@ class Data2Vec(nn.Module):
     @torch.no_grad()
     def forward_teacher(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], source: Optional[Tensor] = None):
         """feats: (B, T, D) student local features -> targets (B, T, D) fp32 from the top-K
-        FFN outputs. A teacher with its own local encoder (v2 images, v1 text) embeds ``source``."""
+        FFN outputs. A teacher with its own local encoder (v2 images, v1 text) embeds ``source``
+        (``feats`` may then be None)."""
         enc = self.teacher.modality_encoders[modality]
         if getattr(enc, "teacher_uses_student_encoder", False):  # v2 text: EMA of the blocks only
             enc = self.modality_encoders[modality]

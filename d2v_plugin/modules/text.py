@@ -65,7 +65,7 @@ class TextEncoder(nn.Module):
         """source: (B, T) token ids -> (B, T, D), padding (B, T) | None (True = padding)."""
         if source.shape[1] > self.max_positions:
             raise ValueError(f"{source.shape[1]} tokens exceed text_max_positions={self.max_positions}")
-        pad = source.eq(self.pad) if padding_mask is None else padding_mask
+        pad = self.padding(source, padding_mask, as_none=False)
         real = (~pad).long()
         positions = torch.cumsum(real, dim=1) * real + self.pad  # (B, T)
         x = self.embed_tokens(source) + self.embed_positions(positions)
@@ -73,6 +73,11 @@ class TextEncoder(nn.Module):
         if self.zero_padding:  # v1 (fairseq TransformerEncoder): padded embeddings are zeros
             x = x.masked_fill(pad.unsqueeze(-1), 0.0)
         return x, (pad if pad.any() else None)
+
+    def padding(self, source: Tensor, padding_mask: Optional[Tensor] = None, as_none: bool = True) -> Optional[Tensor]:
+        """(B, T) True at padding (``<pad>`` ids unless given); None if nothing is padded and ``as_none``."""
+        pad = source.eq(self.pad) if padding_mask is None else padding_mask
+        return None if as_none and not pad.any() else pad
 
     def corrupt(self, source: Tensor, mask: Tensor) -> Tensor:
         """data2vec 1.0 / BERT student input. source: (B, T) clean ids, mask: (B, T) True =
