@@ -311,3 +311,18 @@ def test_text_positions_follow_fairseq_convention():
     assert list(model.teacher.state_dict()) == [k for k in model.teacher.state_dict() if k.startswith("blocks.")]
     out = model(tokens)
     assert out["sample_size"] == 1 * 2 + 0 * 2  # int((4-2)*0.5) + int((3-2)*0.5), per view (clone_batch 2)
+
+
+def test_channels_last_conv_equals_the_plain_convolution():
+    from d2v_plugin.modules.positional import conv_channels_last
+
+    torch.manual_seed(0)
+    x1, x2 = torch.randn(2, 37, 16), torch.randn(2, 5, 6, 16)  # (B, T, C), (B, h, w, C)
+    for conv, x in ((torch.nn.Conv1d(16, 8, 5, stride=2, padding=2, groups=4), x1),
+                    (torch.nn.Conv1d(16, 8, 4, padding=2, padding_mode="reflect"), x1),
+                    (torch.nn.Conv1d(16, 8, 3, padding="same"), x1),
+                    (torch.nn.Conv2d(16, 8, 3, padding=1, groups=2), x2)):
+        y = conv_channels_last(conv, x)
+        ref = conv(x.movedim(-1, 1)).movedim(1, -1)
+        assert y.shape == ref.shape and y.is_contiguous()
+        assert torch.allclose(y, ref, atol=1e-5)

@@ -51,6 +51,8 @@ def conv_channels_last(conv: nn.Module, x: Tensor) -> Tensor:
     (B, *S', C') contiguous. Runs as a channels-last 2-D convolution (a 1-D kernel k is a
     (1, k) kernel), so no layout copies are needed around it or around a LayerNorm over
     channels; same weights and result as ``conv`` on (B, C, *S)."""
+    if conv.padding_mode != "zeros" or isinstance(conv.padding, str):  # not expressible below: plain layout
+        return conv(x.movedim(-1, 1)).movedim(1, -1).contiguous()
     if isinstance(conv, nn.Conv1d):
         y = F.conv2d(x.unsqueeze(1).permute(0, 3, 1, 2), conv.weight.unsqueeze(2), conv.bias, (1, conv.stride[0]),
                      (0, conv.padding[0]), (1, conv.dilation[0]), conv.groups)  # (B, C', 1, T')
