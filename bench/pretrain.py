@@ -129,7 +129,7 @@ def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=Fal
     torch.manual_seed(0)
     cfg, path = model_config(modality, size, algorithm, clone)
     if compile_blocks:
-        cfg.compile = True
+        cfg.compile_blocks = True
     model = D2vMultiModel(cfg).to(device).train()
     d2v = model
     enc = d2v.modality_encoders[modality]
@@ -189,6 +189,7 @@ def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=Fal
                throughput=B * units / sec, throughput_unit={"audio": "audio s/s", "image": "images/s", "text": "tokens/s"}[modality],
                parts={p: statistics.median(v) for p, v in parts.items()})
     row["ema_pct"] = 100 * row["parts"]["ema"] / sec
+    row["compiled"] = model.compiled
     if gpu:
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
         row.update(flops_and_mfu(model, step, sec))
@@ -260,7 +261,7 @@ def main():
     ap.add_argument("--base-clones", default="1,8", help="v2 clone_batch values at base size (slow on a CPU)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--gpu-batch-mult", type=int, default=8, help="batch multiplier on a GPU")
-    ap.add_argument("--compile", action="store_true", help="run the blocks through torch.compile (model.compile)")
+    ap.add_argument("--compile", action="store_true", help="run the blocks through torch.compile (model.compile_blocks)")
     ap.add_argument("--one", nargs=4, metavar=("MOD", "SIZE", "ALGO", "CLONE"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     mult = a.gpu_batch_mult if a.device != "cpu" else 1
