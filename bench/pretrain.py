@@ -131,8 +131,7 @@ def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=Fal
     if compile_blocks:
         cfg.compile_blocks = True
     model = D2vMultiModel(cfg).to(device).train()
-    d2v = model
-    enc = d2v.modality_encoders[modality]
+    enc = model.modality_encoders[modality]
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     source, pad, units = make_batch(modality, size, cfg, mult, device)
     B = source.shape[0]
@@ -143,14 +142,14 @@ def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=Fal
 
     timer = PartTimer(sync)
     timer.wrap(enc, "local_features", "local")
-    timer.wrap(d2v, "forward_teacher", "teacher")
-    timer.wrap(d2v, "forward_student", "student")
-    timer.wrap(d2v, "forward_loss", "loss")
+    timer.wrap(model, "forward_teacher", "teacher")
+    timer.wrap(model, "forward_student", "student")
+    timer.wrap(model, "forward_loss", "loss")
     if enc.decoder is not None:
         timer.wrap(enc.decoder, "forward", "decoder")
-        timer.wrap(d2v, "decoder_input", "decoder")
-    if d2v.final_proj is not None:
-        timer.wrap(d2v.final_proj, "forward", "decoder")
+        timer.wrap(model, "decoder_input", "decoder")
+    if model.final_proj is not None:
+        timer.wrap(model.final_proj, "forward", "decoder")
     with torch.no_grad():
         T = enc.local_features(source[:1], None)[0].shape[1]
     timer.acc.clear()
@@ -213,13 +212,17 @@ def flops_and_mfu(model, step, sec) -> dict:
                 mfu_pct=None if peak is None else 100 * flops / sec / (peak * 1e12))
 
 
+def cpu_name() -> str:
+    return next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")),
+                platform.processor())
+
+
 def device_name(device: str) -> str:
     if device != "cpu":
         import torch
 
         return torch.cuda.get_device_name()
-    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), platform.processor())
-    return f"{model}, {os.cpu_count()} cores"
+    return f"{cpu_name()}, {os.cpu_count()} cores"
 
 
 def print_table(rows):

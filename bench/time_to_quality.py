@@ -17,6 +17,7 @@ probe accuracy.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
@@ -68,9 +69,8 @@ def pretrain(algorithm: str, lists: str, budget: float, snapshots: int, seed: in
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
 
-    def student_state():
-        return {k: v.clone() for k, v in model.state_dict().items() if k != "_ema"} | {
-            "_ema": {k: v.clone() for k, v in model.state_dict()["_ema"].items()}}
+    def student_state():  # student and teacher (the "_ema" entry), copied
+        return copy.deepcopy(model.state_dict())
 
     snaps = [(0.0, 0, student_state())]
     elapsed, updates, epoch = 0.0, 0, 1

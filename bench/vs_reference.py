@@ -25,6 +25,8 @@ import subprocess
 import sys
 from datetime import datetime
 
+from pretrain import cpu_name  # bench/ is on sys.path when this file runs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_REF = os.path.join(ROOT, "..", "shared", "reference")
 COMMON = ["common.fp16=false", "common.cpu=true", "common.log_interval=5", "common.tensorboard_logdir=null",
@@ -131,7 +133,7 @@ def main():
                 file=sys.stderr)
     torch_version = subprocess.run([a.python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
                                    text=True).stdout.strip()
-    cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "?")
+    cpu = cpu_name()
     print(f"CPU: {cpu}, OMP_NUM_THREADS={a.threads}, torch {torch_version}; {a.updates} updates per run, "
           f"{a.rounds} rounds; medians (speedup = reference s/update / d2v_plugin s/update, per round, then median)")
     print(f"{'modality':<8} {'variant':<12} {'s/update':>9} {'speedup':>8} {'per round':>18} {'peak MiB':>9}")

@@ -45,6 +45,12 @@ def regression_head(dim: int, layers: int) -> nn.Module:
     return nn.Sequential(*mods, nn.GELU(), nn.Linear(2 * dim, dim))
 
 
+def first_line(err: Exception) -> str:
+    """``Type: first line of the message``, for one-line warnings."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
+
+
 def init_bert_params(module: nn.Module) -> None:
     """N(0, 0.02) for Linear weights (zero bias), as BERT and the reference."""
     if isinstance(module, nn.Linear):
@@ -128,8 +134,7 @@ class Data2Vec(nn.Module):
             self.compiled = True
         except Exception as err:  # no compiler, unsupported platform or op: keep the eager blocks
             self.uncompile_blocks()
-            logger.warning("model.compile_blocks: torch.compile failed (%s: %s); running the blocks eagerly",
-                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            logger.warning("model.compile_blocks: torch.compile failed (%s); running the blocks eagerly", first_line(err))
         return self.compiled
 
     def uncompile_blocks(self) -> None:
@@ -190,14 +195,14 @@ class Data2Vec(nn.Module):
         x = enc.context(x, bias)
         if blocks is not self.teacher_blocks():
             x = self.dropout_input(x)  # the student's; the teacher runs without dropout
-        if not self.compiled:
-            return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
         try:
             return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
         except Exception as err:  # a graph torch.compile cannot build: fall back for good
-            logger.warning("model.compile_blocks: compiled blocks failed (%s: %s); running them eagerly from now on",
-                           type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+            if not self.compiled:
+                raise
             self.uncompile_blocks()
+            logger.warning("model.compile_blocks: compiled blocks failed (%s); running them eagerly from now on",
+                           first_line(err))
             return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
 
     def teacher_blocks(self) -> Optional[nn.ModuleList]:
