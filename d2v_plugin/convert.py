@@ -125,20 +125,30 @@ def convert_state_dict(sd: Dict, family: str) -> Dict:
 
 
 def _target_norms(c: Dict) -> Tuple[str, str]:
-    layer = "none"
-    for flag, name in (("instance_norm_target_layer", "instance"), ("layer_norm_target_layer", "layer"),
-                       ("batch_norm_target_layer", "batch")):
-        if c.get(flag):
-            if layer != "none":
-                raise ValueError("official config enables several per-layer target norms at once; d2v_plugin takes one")
-            layer = name
-    final = "layer" if c.get("layer_norm_targets") else "instance" if c.get("instance_norm_targets") else "none"
+    """The official per-layer flags apply batch, then instance, then layer norm (any subset);
+    the final flags layer, then instance."""
+    if c.get("group_norm_target_layer"):
+        raise ValueError("official group_norm_target_layer is not supported (per-layer norms: instance, layer, batch)")
+    layer = "_".join(name for flag, name in (("batch_norm_target_layer", "batch"), ("instance_norm_target_layer", "instance"),
+                                             ("layer_norm_target_layer", "layer")) if c.get(flag)) or "none"
+    final = "_".join(name for flag, name in (("layer_norm_targets", "layer"), ("instance_norm_targets", "instance"))
+                     if c.get(flag)) or "none"
     return layer, final
 
 
-def _loss(c: Dict) -> Dict:
+def _loss(c: Dict, family: str) -> Dict:
+    """Official ``loss_beta`` 0 = L2, else Smooth-L1 with that beta. ``loss_scale``: data2vec 1.0
+    text takes a value <= 0 as 1/sqrt(D) (and crashes on None); the other models take None as
+    1/sqrt(D) and any value literally. d2v_plugin: None = 1/sqrt(D), else a positive factor."""
     beta = float(c.get("loss_beta") or 0.0)
-    return {"loss": "l2" if beta == 0 else "smooth_l1", "loss_beta": beta or 1.0, "loss_scale": c.get("loss_scale")}
+    scale = c.get("loss_scale")
+    if scale is not None and float(scale) <= 0:
+        if family != "data2vec1_text":
+            raise ValueError(f"official loss_scale={scale} makes the official loss {'zero' if scale == 0 else 'negative'}; "
+                             "d2v_plugin needs a positive loss_scale (or null for 1/sqrt(D))")
+        scale = None
+    return {"loss": "l2" if beta == 0 else "smooth_l1", "loss_beta": beta or 1.0,
+            "loss_scale": None if scale is None else float(scale)}
 
 
 def convert_config(c: Dict, family: str, vocab_size: int = 0) -> Dict:
@@ -171,7 +181,7 @@ def _v2_shared(c: Dict, m: Dict) -> Dict:
         average_top_k_layers=c["average_top_k_layers"], target_layer_norm=layer, target_final_norm=final,
         padding_aware=False, ema_decay=c["ema_decay"], ema_end_decay=c["ema_end_decay"],
         ema_anneal_end_step=c["ema_anneal_end_step"], min_target_var=c["min_target_var"], min_pred_var=c["min_pred_var"],
-        mask_noise_std=m["mask_noise_std"], decoder_input_dropout=m["decoder"]["input_dropout"], **_loss(c),
+        mask_noise_std=m["mask_noise_std"], decoder_input_dropout=m["decoder"]["input_dropout"], **_loss(c, "data2vec2"),
     )
 
 
@@ -187,6 +197,13 @@ def _v2_audio_config(c: Dict) -> Dict:
     a = c["modalities"]["audio"]
     if c.get("ema_encoder_only") or a.get("ema_local_encoder") or a.get("learned_alibi_scale_per_layer"):
         raise ValueError("speech checkpoints with ema_local_encoder / per-layer ALiBi scales are not supported")
+    if a.get("use_alibi_encoder") and a.get("learned_alibi_scale") and not a.get("learned_alibi_scale_per_head"):
+        raise ValueError("learned_alibi_scale_per_head=false (one ALiBi scale for all heads) is not supported; "
+                         "d2v_plugin learns one scale per head (the official base and large recipes)")
+    if a.get("use_alibi_encoder") and not a.get("learned_alibi_scale") and float(a.get("alibi_scale", 1.0)) != 1.0:
+        raise ValueError(f"a fixed ALiBi scale of {a.get('alibi_scale')} is not supported (fixed: 1.0, or learned per head)")
+    if a.get("learned_alibi"):
+        raise ValueError("learned ALiBi biases (learned_alibi=true) are not supported")
     return dict(
         _v2_shared(c, a), modalities="audio",
         audio_conv_feature_layers=a["feature_encoder_spec"], audio_extractor_mode=a["extractor_mode"],
@@ -247,7 +264,7 @@ def _v1_audio_config(c: Dict) -> Dict:
         audio_feature_grad_mult=c["feature_grad_mult"], audio_conv_pos_width=c["conv_pos"],
         audio_conv_pos_depth=c["pos_conv_depth"], audio_conv_pos_groups=c["conv_pos_groups"], audio_prenet_depth=0,
         audio_prenet_dropout=c["dropout"], audio_use_alibi=False, audio_mask_type="span",
-        audio_mask_prob=c["mask_prob"], audio_mask_length=c["mask_length"], **_loss(c),
+        audio_mask_prob=c["mask_prob"], audio_mask_length=c["mask_length"], **_loss(c, "data2vec1_audio"),
     )
 
 
@@ -275,8 +292,35 @@ def _v1_text_config(c: Dict, vocab_size: int) -> Dict:
         min_target_var=c.get("min_target_var", 0.1), min_pred_var=c.get("min_pred_var", 0.01),
         text_vocab_size=vocab_size, text_mask_index=vocab_size - 1, text_max_positions=t["max_source_positions"],
         text_dropout=t["dropout"], text_prenet_depth=0, text_mask_type="span", text_mask_prob=0.35, text_mask_length=4,
-        text_leave_unmasked_prob=0.0, text_random_token_prob=0.0, **_loss(c),
+        text_leave_unmasked_prob=0.0, text_random_token_prob=0.0, **_loss(c, "data2vec1_text"),
     )
+
+
+def convert_training(training: Dict) -> Dict:
+    """Official ``optimization`` / ``optimizer`` / ``lr_scheduler`` sections (plain dicts) -> the
+    same training for d2v_plugin: fairseq's ``adam`` and the official scheduler, no ``composite``.
+
+    The official v2 image and text recipes use ``composite`` with ``dynamic_groups`` and one
+    ``default`` group, and the models mark 1-D parameters, biases and ``alibi_scale`` with
+    ``optim_overrides = {"optimizer": {"weight_decay_scale": 0}}``. fairseq applies that scale
+    only when the group's optimizer config has a key ``optimizer_config`` (composite.py), which
+    no optimizer config has, so every parameter keeps the full weight decay: one ``default``
+    group trains exactly like the plain optimizer (the trajectory fixtures record it)."""
+    optim = dict(training["optimization"])
+    opt, sched = dict(training["optimizer"]), training.get("lr_scheduler")
+    if opt.get("_name") == "composite":
+        groups = opt.get("groups") or {}
+        if set(groups) != {"default"}:
+            raise ValueError(f"composite optimizer with groups {sorted(groups)}: only a single 'default' group "
+                             "(the official pretraining recipes) has a plain-optimizer equivalent")
+        group = groups["default"]
+        if group.get("lr_float") is not None:
+            optim["lr"] = [group["lr_float"]]
+        opt, sched = dict(group["optimizer"]), group.get("lr_scheduler")
+    sched = dict(sched) if isinstance(sched, dict) else {"_name": sched}
+    for section in (opt, sched):
+        section.pop("lr", None)  # interpolated from optimization.lr
+    return {"optimization": optim, "optimizer": opt, "lr_scheduler": sched}
 
 
 OFFICIAL_MODELS = {"data2vec_multi": "data2vec2", "data2vec_audio": "data2vec1_audio", "data2vec_text": "data2vec1_text"}

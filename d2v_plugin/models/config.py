@@ -25,8 +25,10 @@ def set_cfg_field(cfg, name: str, value) -> None:
 
 
 ALGORITHM = ChoiceEnum(["v1", "v2"])
-TARGET_LAYER_NORM = ChoiceEnum(["none", "instance", "layer", "batch"])
-TARGET_FINAL_NORM = ChoiceEnum(["none", "instance", "layer"])
+# several norms joined by "_" apply left to right, in the official code's order
+TARGET_LAYER_NORM = ChoiceEnum(["none", "instance", "layer", "batch", "batch_instance", "instance_layer", "batch_layer",
+                                "batch_instance_layer"])
+TARGET_FINAL_NORM = ChoiceEnum(["none", "instance", "layer", "layer_instance"])
 LOSS = ChoiceEnum(["l2", "smooth_l1"])
 MASK_TYPE = ChoiceEnum(["block", "span"])
 IMAGE_MASK_TYPE = ChoiceEnum(["inverse_block", "block", "beit"])
@@ -221,10 +223,13 @@ class D2vMultiConfig(TextEncoderConfig, ImageEncoderConfig, AudioEncoderConfig):
     target_layer_norm: TARGET_LAYER_NORM = field(
         default="instance",
         metadata={"help": "per-layer target normalisation: instance (over time; speech), layer (over "
-                          "channels; v1 text), batch, none"},
+                          "channels; v1 text), batch, none, or a combination applied left to right "
+                          "(instance_layer = instance, then layer)"},
     )
     target_final_norm: TARGET_FINAL_NORM = field(
-        default="none", metadata={"help": "normalisation of the averaged target: none, instance, layer (images)"}
+        default="none",
+        metadata={"help": "normalisation of the averaged target: none, instance, layer (images), layer_instance "
+                          "(layer, then instance)"},
     )
     padding_aware: bool = field(
         default=True,
@@ -237,7 +242,7 @@ class D2vMultiConfig(TextEncoderConfig, ImageEncoderConfig, AudioEncoderConfig):
     loss: LOSS = field(default="l2", metadata={"help": "regression loss: l2 or smooth_l1"})
     loss_beta: float = field(default=1.0, metadata={"help": "Smooth-L1 beta (v1 text: 4); unused by l2"})
     loss_scale: Optional[float] = field(
-        default=None, metadata={"help": "loss multiplier; null = 1/sqrt(embed_dim) (text uses 1)"}
+        default=None, metadata={"help": "loss multiplier, > 0; null = 1/sqrt(embed_dim) (text uses 1)"}
     )
     ema_decay: float = field(default=0.999, metadata={"help": "tau0: teacher EMA decay at update 0"})
     ema_end_decay: float = field(default=0.99999, metadata={"help": "tau_e: decay after annealing"})

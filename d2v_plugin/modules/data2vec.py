@@ -64,6 +64,8 @@ class Data2Vec(nn.Module):
         super().__init__()
         if cfg.algorithm not in ("v1", "v2"):
             raise ValueError(f"algorithm={cfg.algorithm!r}: choose v1 (data2vec 1.0) or v2 (data2vec 2.0)")
+        if cfg.loss_scale is not None and cfg.loss_scale <= 0:
+            raise ValueError(f"loss_scale={cfg.loss_scale}: give a positive factor, or null for 1/sqrt(embed_dim)")
         self.cfg = cfg
         self.algorithm = cfg.algorithm
         modalities = [m.strip() for m in str(cfg.modalities).split(",") if m.strip()]

@@ -3,8 +3,10 @@
 y_t = final_norm( 1/K * sum_{l = L-K+1..L} layer_norm_l( FFN output of block l ) )
 
 ``layer_norm`` is one of none | instance (per sample and channel, over time) |
-layer (per position, over channels) | batch (per channel, over batch and time);
-``final_norm`` is none | instance | layer. Everything is computed in fp32 without
+layer (per position, over channels) | batch (per channel, over batch and time), or
+several joined by ``_`` and applied left to right (``instance_layer``: instance, then
+layer, as the official code does when both of its flags are set); ``final_norm`` is
+none | instance | layer | layer_instance. Everything is computed in fp32 without
 affine parameters (eps 1e-5).
 
 With ``padding_mask`` given, the instance and batch statistics are taken over real
@@ -32,8 +34,13 @@ def _masked_moments(x: Tensor, weight: Tensor, dims: tuple) -> tuple:
 
 
 def normalize(x: Tensor, kind: str, padding_mask: Optional[Tensor] = None) -> Tensor:
-    """x: (B, T, D) -> (B, T, D) fp32, normalised as ``kind``; padding_mask (B, T) True = pad."""
-    x = x.float()
+    """x: (B, T, D) -> (B, T, D) fp32, normalised as ``kind`` (``a_b``: a, then b);
+    padding_mask (B, T) True = pad."""
+    x, kind = x.float(), getattr(kind, "value", kind)  # a config enum or its string
+    if "_" in kind:
+        for part in kind.split("_"):
+            x = normalize(x, part, padding_mask)
+        return x
     if kind == "none":
         return x
     if kind == "layer":
@@ -65,6 +72,6 @@ def build_targets(
     for t in top[1:]:
         y = y + normalize(t, layer_norm, padding_mask)
     y = y / len(top)
-    if final_norm == "batch":
-        raise ValueError("final target norm 'batch' is not supported; use none, instance or layer")
+    if "batch" in getattr(final_norm, "value", final_norm):
+        raise ValueError("final target norm 'batch' is not supported; use none, instance, layer or layer_instance")
     return normalize(y, final_norm, padding_mask)
