@@ -9,6 +9,7 @@ does) and the official run's optimizer, scheduler and clipping settings translat
 and loss (relative 1e-4) and the gradient norm; at the end every student and teacher tensor
 must match within 1e-4; every parameter must get the official weight decay.
 """
+import ast
 import os
 from pathlib import Path
 
@@ -158,3 +159,88 @@ def check_weight_decay(r, model, trainer):
     assert set(official) <= set(ours), f"parameters without an optimizer group: {sorted(set(official) - set(ours))[:5]}"
     for k, wd in official.items():
         assert ours[k] == pytest.approx(wd), f"{k}: weight decay {ours[k]} != official {wd}"
+
+
+# -- the shipped recipes and the official config semantics -------------------------------------
+OFFICIAL_RECIPES = {  # shipped YAML -> the official YAML (fairseq/examples/data2vec/config) it reproduces
+    "audio/base_v2": "v2/base_audio_only_task", "audio/large_v2": "v2/large_audio_only_task",
+    "image/base_v2": "v2/base_images_only_task", "image/large_v2": "v2/large_images_only_task",
+    "image/huge_v2": "v2/huge_images14_only_task", "text/base_v2": "v2/base_text_only_task",
+    "text/large_v2": "v2/large_text_only_task", "audio/base_v1": "audio/pretraining/base_librispeech",
+    "text/base_v1": "text/pretraining/base", "image/base_v1": "vision/pretraining/base_imagenet_d2v1",
+}
+IGNORED_TRAINING_KEYS = {"debug_param_names"}  # logging only
+
+
+@pytest.mark.parametrize("ours", sorted(OFFICIAL_RECIPES))
+def test_shipped_recipe_trains_like_the_official_one(ours):
+    """optimizer, lr scheduler, lr, clipping and run length of every shipped Base/Large YAML equal
+    the official YAML's (composite translated by convert_training); fairseq's defaults fill the rest."""
+    import fairseq
+    from fairseq.dataclass.utils import merge_with_parent
+    from fairseq.optim import OPTIMIZER_DATACLASS_REGISTRY
+    from fairseq.optim.lr_scheduler import LR_SCHEDULER_DATACLASS_REGISTRY
+
+    official_dir = Path(fairseq.__file__).parent / "examples" / "data2vec" / "config"
+    theirs = OmegaConf.to_container(OmegaConf.load(official_dir / f"{OFFICIAL_RECIPES[ours]}.yaml"))
+    theirs = convert_training({k: theirs.get(k) or {} for k in ("optimization", "optimizer", "lr_scheduler")})
+    mine = OmegaConf.to_container(OmegaConf.load(Path(__file__).parents[1] / "config" / "pretrain" / f"{ours}.yaml"))
+    for section, registry in (("optimizer", OPTIMIZER_DATACLASS_REGISTRY), ("lr_scheduler", LR_SCHEDULER_DATACLASS_REGISTRY)):
+        a, b = mine[section], theirs[section]
+        assert a["_name"] == b["_name"], f"{ours}: {section} {a['_name']} != official {b['_name']}"
+        full = lambda d: OmegaConf.to_container(merge_with_parent(registry[d["_name"]](), OmegaConf.create(  # noqa: E731
+            {k: v for k, v in d.items() if k != "_name"})), resolve=False)
+        a, b = full(a), full(b)
+        for d in (a, b):  # fairseq's adam also takes betas as the string "(0.9,0.98)"
+            if isinstance(d.get("adam_betas"), str):
+                d["adam_betas"] = list(ast.literal_eval(d["adam_betas"]))
+        diff = {k: (a[k], b[k]) for k in a if a[k] != b[k] and k not in ("lr", "max_update")}
+        assert not diff, f"{ours}: {section} differs from the official recipe (ours, official): {diff}"
+    a, b = mine["optimization"], theirs["optimization"]
+    for k in set(b) - IGNORED_TRAINING_KEYS:
+        assert a.get(k, {"update_freq": [1], "clip_norm": 0.0}.get(k)) == b[k], f"{ours}: optimization.{k} {a.get(k)} != official {b[k]}"
+
+
+def test_official_loss_settings_keep_their_meaning():
+    from d2v_plugin.convert import _loss
+
+    assert _loss({"loss_beta": 0, "loss_scale": 0}, "data2vec1_text") == {"loss": "l2", "loss_beta": 1.0, "loss_scale": None}
+    assert _loss({"loss_beta": 4, "loss_scale": -1}, "data2vec1_text")["loss_scale"] is None  # <= 0: 1/sqrt(D)
+    assert _loss({"loss_beta": 4, "loss_scale": 1}, "data2vec1_text") == {"loss": "smooth_l1", "loss_beta": 4.0, "loss_scale": 1.0}
+    assert _loss({"loss_beta": 0.0, "loss_scale": None}, "data2vec2") == {"loss": "l2", "loss_beta": 1.0, "loss_scale": None}
+    for family in ("data2vec2", "data2vec1_audio"):  # there 0 is taken literally: a zero loss
+        with pytest.raises(ValueError, match="loss_scale=0 makes the official loss zero"):
+            _loss({"loss_beta": 0, "loss_scale": 0}, family)
+
+
+def test_official_target_norm_flags_combine_in_order():
+    from d2v_plugin.convert import _target_norms
+
+    assert _target_norms({"instance_norm_target_layer": True}) == ("instance", "none")
+    assert _target_norms({"instance_norm_target_layer": True, "layer_norm_target_layer": True,
+                          "layer_norm_targets": True, "instance_norm_targets": True}) == ("instance_layer", "layer_instance")
+    assert _target_norms({"batch_norm_target_layer": True, "instance_norm_target_layer": True}) == ("batch_instance", "none")
+    with pytest.raises(ValueError, match="group_norm_target_layer"):
+        _target_norms({"group_norm_target_layer": True})
+
+
+def test_combined_norms_apply_left_to_right():
+    import torch.nn.functional as F
+
+    from d2v_plugin.modules.targets import build_targets, normalize
+
+    x = torch.randn(2, 7, 5, generator=torch.Generator().manual_seed(0)) * 3 + 1
+    inst = F.instance_norm(x.transpose(1, 2)).transpose(1, 2)
+    assert torch.allclose(normalize(x, "instance_layer"), F.layer_norm(inst, (5,)), atol=1e-6)
+    both = build_targets([x, 2 * x], 2, "instance", "layer_instance")
+    y = F.layer_norm(inst, (5,))  # mean of two identical instance-normed layers, then layer, then instance
+    assert torch.allclose(both, F.instance_norm(y.transpose(1, 2)).transpose(1, 2), atol=1e-5)
+
+
+def test_non_positive_loss_scale_is_refused():
+    from d2v_plugin.modules.data2vec import Data2Vec
+
+    from .conftest import tiny_cfg
+
+    with pytest.raises(ValueError, match="loss_scale=0.0: give a positive factor, or null"):
+        Data2Vec(tiny_cfg(loss_scale=0.0))
