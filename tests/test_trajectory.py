@@ -244,3 +244,26 @@ def test_non_positive_loss_scale_is_refused():
 
     with pytest.raises(ValueError, match="loss_scale=0.0: give a positive factor, or null"):
         Data2Vec(tiny_cfg(loss_scale=0.0))
+
+
+def test_official_weight_decay_survives_mixed_precision(tmp_path):
+    """fairseq's FP16Optimizer trains fp32 master copies: one per parameter under bf16, one
+    flattened tensor under fp16 (CUDA only, so built here as FP16Optimizer builds it). Either
+    way every master weight gets the official decay, fp16 without ``fp16_no_flatten_grads``."""
+    from fairseq import optim, tasks
+
+    r = torch.load(GOLDEN_DIR / "traj_v2_image.pt", weights_only=True)
+    cfg, _ = plugin_cfg(r, tmp_path)
+    with open_dict(cfg):
+        cfg.common.bf16 = True
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    trainer = Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
+    groups = trainer.optimizer.fp32_optimizer.param_groups
+    masters = [p for g in groups for p in g["params"]]
+    trained = [p for p in model.parameters() if p.requires_grad]
+    assert len(masters) == len(trained) and all(p.dtype == torch.float32 for p in masters)
+    assert {g["weight_decay"] for g in groups} == set(r["weight_decay"].values()) == {0.05}
+    flat = torch.nn.Parameter(torch.cat([p.detach().float().reshape(-1) for p in trained]))
+    fp16 = optim.build_optimizer(cfg.optimizer, [flat])  # what FP16Optimizer.build_optimizer does with flatten
+    assert fp16.supports_flat_params and [g["weight_decay"] for g in fp16.param_groups] == [0.05]
