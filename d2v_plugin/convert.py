@@ -6,12 +6,14 @@ model computes exactly what the official code computes.
 """
 from __future__ import annotations
 
+import logging
 import re
 from typing import Dict, List, Tuple
 
 import torch
 
 Rules = List[Tuple[str, str]]
+logger = logging.getLogger(__name__)
 
 _AUDIO = "modality_encoders.audio."
 _IMAGE = "modality_encoders.image."
@@ -169,8 +171,34 @@ def convert_config(c: Dict, family: str, vocab_size: int = 0) -> Dict:
     raise ValueError(f"unsupported config family {family!r}")
 
 
+# Official data2vec 2.0 settings with no d2v_plugin counterpart, and the value d2v_plugin reproduces.
+# A different value that changes the forward is refused; one that changes only how a model would
+# be trained from this config is named in a warning (the weights still convert exactly).
+_V2_FORWARD_ONLY = {"norm_affine": True}
+_V2_TRAINING_ONLY = {"start_drop_path_rate": 0.0, "end_of_block_targets": False, "shared_decoder": None,
+                     "recon_loss": 0.0, "d2v_loss": 1.0, "decoder_group": False, "mae_init": False}
+_MODALITY_TRAINING_ONLY = {"prenet_layerdrop": 0.0, "start_drop_path_rate": 0.0, "end_drop_path_rate": 0.0,
+                           "mask_prob_min": None, "keep_masked_pct": 0.0, "add_masks": False, "remove_masks": False,
+                           "mask_dropout": 0.0, "encoder_zero_mask": True, "mask_channel_prob": 0.0}
+
+
+def _check_unsupported(c: Dict, m: Dict) -> None:
+    def differs(d, table):
+        return [f"{k}={d[k]!r}" for k, v in table.items() if k in d and d[k] != v and not (
+            isinstance(v, float) and isinstance(d[k], (int, float)) and float(d[k]) == v)]
+
+    refused = differs(c, _V2_FORWARD_ONLY)
+    if refused:
+        raise ValueError(f"official setting(s) {', '.join(refused)} have no d2v_plugin counterpart")
+    ignored = differs(c, _V2_TRAINING_ONLY) + [f"modality {x}" for x in differs(m, _MODALITY_TRAINING_ONLY)]
+    if ignored:
+        logger.warning("official setting(s) %s are not reproduced by d2v_plugin: the converted weights compute the "
+                       "same features, but training from this config differs there", ", ".join(ignored))
+
+
 def _v2_shared(c: Dict, m: Dict) -> Dict:
     """Settings every data2vec 2.0 modality shares; m: the modality's config."""
+    _check_unsupported(c, m)
     layer, final = _target_norms(c)
     return dict(
         algorithm="v2", depth=c["depth"], embed_dim=c["embed_dim"], num_heads=c["num_heads"],

@@ -267,3 +267,16 @@ def test_official_weight_decay_survives_mixed_precision(tmp_path):
     flat = torch.nn.Parameter(torch.cat([p.detach().float().reshape(-1) for p in trained]))
     fp16 = optim.build_optimizer(cfg.optimizer, [flat])  # what FP16Optimizer.build_optimizer does with flatten
     assert fp16.supports_flat_params and [g["weight_decay"] for g in fp16.param_groups] == [0.05]
+
+
+def test_official_settings_without_counterpart_are_named(caplog):
+    from d2v_plugin.convert import convert_config
+
+    r = torch.load(GOLDEN_DIR / "traj_v2_audio.pt", weights_only=True)
+    c = {**r["config"], "norm_affine": False}
+    with pytest.raises(ValueError, match="norm_affine=False have no d2v_plugin counterpart"):
+        convert_config(c, "data2vec2")
+    c = {**r["config"], "end_of_block_targets": True}
+    c["modalities"] = {"audio": {**r["config"]["modalities"]["audio"], "keep_masked_pct": 0.1}}
+    convert_config(c, "data2vec2")
+    assert "end_of_block_targets=True, modality keep_masked_pct=0.1 are not reproduced" in caplog.text
