@@ -30,6 +30,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .modules.audio import prepare_waveform
+from .modules.image import prepare_image
+from .modules.text import prepare_tokens
+
 logger = logging.getLogger(__name__)
 LAYERS = "last, N (1..depth), avg_top_k, all"
 
@@ -60,12 +64,11 @@ class Extractor:
                 from .models.pretrained import audio_normalize
 
                 wav = torch.from_numpy(load_audio(str(item), int(self.task.get("sample_rate", 16000)), "input"))
-                return F.layer_norm(wav, wav.shape) if audio_normalize(self.task) else wav
+                return prepare_waveform(wav, audio_normalize(self.task))
             if self.modality == "image":
-                from .data.image import IMAGENET_MEAN, IMAGENET_STD, center_crop, load_image
+                from .data.image import center_crop, load_image
 
-                img = center_crop(load_image(str(item), "input"), self.encoder.input_size)
-                return (img - torch.tensor(IMAGENET_MEAN).view(-1, 1, 1)) / torch.tensor(IMAGENET_STD).view(-1, 1, 1)
+                return prepare_image(center_crop(load_image(str(item), "input"), self.encoder.input_size))
         except ValueError as e:
             raise ExtractError(f"{item}: cannot be read as {self.modality} input for {self.path or 'this checkpoint'} "
                                f"(a {self.modality} model): {e}") from e
@@ -73,12 +76,10 @@ class Extractor:
             raise self.no_vocabulary
         pieces = " ".join(self.spm.encode(str(item), out_type=str))
         ids = self.dictionary.encode_line(pieces, append_eos=True, add_if_not_exist=False).long()
-        ids = torch.cat([torch.tensor([self.dictionary.bos()]), ids])
         limit = self.encoder.max_positions
-        if len(ids) > limit:
-            logger.warning("a sentence of %d tokens is cut to text_max_positions=%d", len(ids), limit)
-            ids = torch.cat([ids[: limit - 1], ids[-1:]])
-        return ids
+        if len(ids) + 1 > limit:
+            logger.warning("a sentence of %d tokens is cut to text_max_positions=%d", len(ids) + 1, limit)
+        return prepare_tokens(ids, self.dictionary.bos(), limit)
 
     def batch(self, sources: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         if self.modality == "image":

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v_plugin.convert import convert_config, convert_state_dict
 from d2v_plugin.models.config import D2vMultiConfig
 from d2v_plugin.models.d2v_multi import D2vMultiModel
 from d2v_plugin.modules.loss import regression_loss
+from d2v_plugin.official import convert_config, convert_state_dict
 
 GOLDEN_DIR = Path(os.environ.get("D2V_GOLDEN_DIR", Path(__file__).parent / "golden"))
 TOL = 1e-5
@@ -162,7 +162,7 @@ def test_image_training_forward(image_fixture):
     close("cls_pred", cls_pred, out["cls_pred"])
     close("pred_masked", pred, out["pred_masked"])
 
-    result = model.forward_loss(pred, targets, mask, cls_pred, enc.cls_loss)
+    result = model.forward_loss(pred, targets, mask, cls_pred, enc.cls_loss_weight)
     ref_res = out["result"]
     y = targets.repeat_interleave(M, 0)[mask]
     elementwise = regression_loss(pred, y, model.cfg.loss, model.cfg.loss_beta, model.cfg.loss_scale)

@@ -5,7 +5,7 @@ tests/golden/make_trajectories.py from the official code, is replayed through th
 own fairseq path: the plugin's task, model (``d2v_multi``) and criterion (``d2v``), fairseq's
 ``Trainer`` (which builds the optimizer and lr scheduler from the config, as ``fairseq-train``
 does) and the official run's optimizer, scheduler and clipping settings translated by
-``d2v_plugin.convert.convert_training``. Each update must reproduce the official lr, sample size
+``d2v_plugin.official.convert_training``. Each update must reproduce the official lr, sample size
 and loss (relative 1e-4) and the gradient norm; at the end every student and teacher tensor
 must match within 1e-4; every parameter must get the official weight decay.
 """
@@ -21,7 +21,7 @@ from fairseq.trainer import Trainer
 from omegaconf import OmegaConf, open_dict
 
 from d2v_plugin import tasks as _tasks  # noqa: F401  (registers the d2v tasks)
-from d2v_plugin.convert import convert_config, convert_state_dict, convert_training
+from d2v_plugin.official import convert_config, convert_state_dict, convert_training
 
 GOLDEN_DIR = Path(os.environ.get("D2V_GOLDEN_DIR", Path(__file__).parent / "golden"))
 FILES = sorted(GOLDEN_DIR.glob("traj_*.pt"))
@@ -202,7 +202,7 @@ def test_shipped_recipe_trains_like_the_official_one(ours):
 
 
 def test_official_loss_settings_keep_their_meaning():
-    from d2v_plugin.convert import _loss
+    from d2v_plugin.official import _loss
 
     assert _loss({"loss_beta": 0, "loss_scale": 0}, "data2vec1_text") == {"loss": "l2", "loss_beta": 1.0, "loss_scale": None}
     assert _loss({"loss_beta": 4, "loss_scale": -1}, "data2vec1_text")["loss_scale"] is None  # <= 0: 1/sqrt(D)
@@ -214,7 +214,7 @@ def test_official_loss_settings_keep_their_meaning():
 
 
 def test_official_target_norm_flags_combine_in_order():
-    from d2v_plugin.convert import _target_norms
+    from d2v_plugin.official import _target_norms
 
     assert _target_norms({"instance_norm_target_layer": True}) == ("instance", "none")
     assert _target_norms({"instance_norm_target_layer": True, "layer_norm_target_layer": True,
@@ -270,7 +270,7 @@ def test_official_weight_decay_survives_mixed_precision(tmp_path):
 
 
 def test_official_settings_without_counterpart_are_named(caplog):
-    from d2v_plugin.convert import convert_config
+    from d2v_plugin.official import convert_config
 
     r = torch.load(GOLDEN_DIR / "traj_v2_audio.pt", weights_only=True)
     c = {**r["config"], "norm_affine": False}

@@ -7,7 +7,7 @@ from fairseq import metrics
 from fairseq.criterions import register_criterion
 from fairseq.dataclass import FairseqDataclass
 
-from ..tasks.base import unwrap
+from ..fairseq_utils import unwrap
 from .base import SummedLogsCriterion
 
 # logged per batch and averaged over batches (all summable, so distributed CPU/gloo works)

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional
 import numpy as np
 import soundfile as sf
 import torch
-import torch.nn.functional as F
 
+from ..modules.audio import prepare_waveform
 from ..modules.feature_extractor import ConvLayerSpec, conv_output_lengths
 from ..modules.masking import MaskSettings, seeded_generator
 from .base import ListedFilesDataset, read_root_list
@@ -116,9 +116,7 @@ class AudioPretrainDataset(ListedFilesDataset):
                 f"{path} ({where}): has {len(wav)} samples but the manifest says {self.sizes[index]}; rebuild the manifest."
             )
         source = torch.from_numpy(wav)
-        if self.normalize:
-            source = F.layer_norm(source, source.shape)
-        return {"id": index, "source": source}
+        return {"id": index, "source": prepare_waveform(source, self.normalize)}
 
     def size(self, index: int) -> int:
         return int(self.cropped_sizes[index])

@@ -18,11 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..modules.image import IMAGENET_MEAN, IMAGENET_STD, prepare_image
 from ..modules.masking import MaskSettings, seeded_generator
 from .base import ListedFilesDataset, read_root_list
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageDataError(ValueError):
@@ -120,8 +118,7 @@ class ImageDataset(ListedFilesDataset):
                 raise ImageDataError(f"{list_path}: {len(bad)} image(s) with a label outside labels.txt ({shown}); "
                                      "classification needs class sub-folders; rebuild the lists")
             self.targets = np.array([index[lab] for _, lab, _ in entries], dtype=np.int64)
-        self.mean = torch.tensor(mean).view(-1, 1, 1)
-        self.std = torch.tensor(std).view(-1, 1, 1)
+        self.mean, self.std = mean, std
         self.sizes = np.ones(len(self.files), dtype=np.int64)
         self.epoch = 1
         self.masking: Optional[MaskSettings] = None
@@ -140,7 +137,7 @@ class ImageDataset(ListedFilesDataset):
                 img = img.flip(-1)
         else:
             img = center_crop(img, self.size)
-        item = {"id": index, "source": (img - self.mean) / self.std}
+        item = {"id": index, "source": prepare_image(img, self.mean, self.std)}
         if self.targets is not None:
             item["target"] = int(self.targets[index])
         return item

@@ -16,6 +16,7 @@ import torch
 from fairseq.data import FairseqDataset, PrependTokenDataset, TokenBlockDataset, data_utils
 
 from ..modules.masking import MaskSettings, seeded_generator
+from ..modules.text import prepare_tokens
 from .base import CompleteBatches
 
 logger = logging.getLogger(__name__)
@@ -119,10 +120,10 @@ class SentenceDataset(SizedSamples):
         self.max_positions, self.shuffle, self.seed, self.epoch = max_positions, shuffle, seed, 1
 
     def __getitem__(self, index: int) -> Dict:
-        parts = [torch.tensor([self.bos]), self.inputs[0][index]]
+        parts = [self.inputs[0][index]]
         if len(self.inputs) > 1:
             parts += [torch.tensor([self.eos]), self.inputs[1][index]]
-        tokens = torch.cat(parts)[: self.max_positions]
+        tokens = prepare_tokens(torch.cat(parts), self.bos, self.max_positions)
         return {"id": index, "source": tokens, "target": self.labels[index]}
 
     def collater(self, samples: List[Dict]) -> Dict:

@@ -12,17 +12,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
-from omegaconf import DictConfig, open_dict
-
-
-def set_cfg_field(cfg, name: str, value) -> None:
-    """Set a field on a model/task config, a struct-mode DictConfig (fairseq) or a dataclass."""
-    if isinstance(cfg, DictConfig):
-        with open_dict(cfg):
-            setattr(cfg, name, value)
-    else:
-        setattr(cfg, name, value)
-
 
 ALGORITHM = ChoiceEnum(["v1", "v2"])
 # several norms joined by "_" apply left to right, in the official code's order

@@ -11,9 +11,10 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel
 from omegaconf import DictConfig, OmegaConf
 
-from ..convert import OFFICIAL_MODELS, convert_checkpoint
+from ..fairseq_utils import set_cfg_field
 from ..modules.data2vec import Data2Vec
-from .config import D2vMultiConfig, set_cfg_field
+from ..official import OFFICIAL_MODELS, convert_checkpoint
+from .config import D2vMultiConfig
 
 logger = logging.getLogger(__name__)
 

@@ -14,10 +14,12 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch import Tensor
 
 from .decoder import ConvDecoder
 from .ema import teacher_view
+from .encoder import ModalityEncoder
 from .feature_extractor import ConvFeatureExtractor, frame_padding_mask, parse_conv_spec
 from .masking import MaskSettings
 from .positional import ConvPositionalEncoder, alibi_bias_1d, alibi_slopes
@@ -29,7 +31,13 @@ def scale_grad(x: Tensor, mult: float) -> Tensor:
     return x if mult == 1.0 else x * mult + x.detach() * (1.0 - mult)
 
 
-class AudioEncoder(nn.Module):
+def prepare_waveform(wav: Tensor, normalize: bool) -> Tensor:
+    """A decoded mono waveform (L,) -> the model's input: zero mean, unit variance over time
+    when ``normalize`` (what layer_norm feature extractors are trained on)."""
+    return F.layer_norm(wav, wav.shape) if normalize else wav
+
+
+class AudioEncoder(ModalityEncoder):
     modality = "audio"
 
     def __init__(self, cfg, algorithm: str, make_block):
@@ -50,7 +58,6 @@ class AudioEncoder(nn.Module):
         self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(cfg.num_heads)), persistent=False)
         self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads)) if cfg.audio_use_alibi and cfg.audio_alibi_learned_scale else None
         self.zero_padding, self.padding_aware = algorithm == "v1" or cfg.padding_aware, cfg.padding_aware
-        self.extra_tokens, self.num_extra, self.cls_loss, self.ema_local_encoder = None, 0, 0.0, False
         self.ema_copied = ("pos_conv",) if cfg.ema_copy_pos_conv else ()  # data2vec 1.0 copies, not averages
         self.masking = MaskSettings.from_config(cfg, "audio")
         self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if algorithm == "v1" else None
@@ -66,11 +73,6 @@ class AudioEncoder(nn.Module):
                 feats = self.feature_extractor(source)
         feats = self.project(feats.transpose(1, 2))  # (B, T, D)
         return feats, frame_padding_mask(padding_mask, feats.shape[1], self.spec)
-
-    def frame_lengths(self, padding_mask: Optional[Tensor], batch: int, num_frames: int) -> Tensor:
-        if padding_mask is None:
-            return torch.full((batch,), num_frames, dtype=torch.long)
-        return (~padding_mask).sum(1).cpu()
 
     def add_positions(self, x: Tensor, padding_mask: Optional[Tensor], zero_mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, T, D) full sequence -> x + conv positions; frames in ``zero_mask`` (B, T)
@@ -91,5 +93,6 @@ class AudioEncoder(nn.Module):
         extractor and projection are shared with the student; no decoder)."""
         return teacher_view(self, ("feature_extractor", "project", "decoder"), ("mask_emb",))
 
-    def remove_pretraining_modules(self) -> None:
-        self.decoder = None
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        self.project.linear.reset_parameters()  # PyTorch's default init, as the reference

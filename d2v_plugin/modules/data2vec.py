@@ -12,20 +12,22 @@ local features; it is stepped by ``ema_step`` once per optimizer update.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from torch import Tensor
 
 from .audio import AudioEncoder
+from .compile import CompiledBlocksMixin
 from .ema import EMATeacher, ema_decay_at
+from .encoder import ModalityEncoder
 from .image import ImageEncoder
 from .loss import CollapseMonitor, channel_std, regression_loss
 from .masking import kept_positions
 from .targets import build_targets
 from .text import TextEncoder
-from .transformer import Block, attention_bias, run_blocks
+from .transformer import Block, attention_bias
 
 EMA_KEY = "_ema"
 ENCODERS = {"audio": AudioEncoder, "image": ImageEncoder, "text": TextEncoder}  # modality name -> encoder class
@@ -45,12 +47,6 @@ def regression_head(dim: int, layers: int) -> nn.Module:
     return nn.Sequential(*mods, nn.GELU(), nn.Linear(2 * dim, dim))
 
 
-def first_line(err: Exception) -> str:
-    """``Type: first line of the message``, for one-line warnings."""
-    lines = str(err).splitlines()
-    return f"{type(err).__name__}: {lines[0] if lines else ''}"
-
-
 def init_bert_params(module: nn.Module) -> None:
     """N(0, 0.02) for Linear weights (zero bias), as BERT and the reference."""
     if isinstance(module, nn.Linear):
@@ -59,7 +55,16 @@ def init_bert_params(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-class Data2Vec(nn.Module):
+def parse_modalities(text: str) -> Tuple[str, ...]:
+    """``"audio,text"`` -> ("audio", "text"), each a known modality."""
+    names = tuple(m.strip() for m in str(text).split(",") if m.strip())
+    unknown = [m for m in names if m not in ENCODERS]
+    if unknown or not names:
+        raise ValueError(f"modalities={text!r}: each must be one of {sorted(ENCODERS)}")
+    return names
+
+
+class Data2Vec(CompiledBlocksMixin, nn.Module):
     def __init__(self, cfg):
         super().__init__()
         if cfg.algorithm not in ("v1", "v2"):
@@ -68,12 +73,8 @@ class Data2Vec(nn.Module):
             raise ValueError(f"loss_scale={cfg.loss_scale}: give a positive factor, or null for 1/sqrt(embed_dim)")
         self.cfg = cfg
         self.algorithm = cfg.algorithm
-        modalities = [m.strip() for m in str(cfg.modalities).split(",") if m.strip()]
-        unknown = [m for m in modalities if m not in ENCODERS]
-        if unknown or not modalities:
-            raise ValueError(f"modalities={cfg.modalities!r}: each must be one of {sorted(ENCODERS)}")
         self.modality_encoders = nn.ModuleDict(
-            {m: ENCODERS[m](cfg, cfg.algorithm, self.make_block) for m in modalities}
+            {m: ENCODERS[m](cfg, cfg.algorithm, self.make_block) for m in parse_modalities(cfg.modalities)}
         )
         if not 1 <= cfg.average_top_k_layers <= cfg.depth:
             raise ValueError(f"average_top_k_layers={cfg.average_top_k_layers}: targets average 1 to depth={cfg.depth} "
@@ -82,13 +83,8 @@ class Data2Vec(nn.Module):
         self.dropout_input = nn.Dropout(cfg.dropout_input)
         self.final_proj = regression_head(cfg.embed_dim, cfg.head_layers) if cfg.algorithm == "v1" else None
         self.apply(init_bert_params)
-        for enc in self.modality_encoders.values():  # default init for the projections, as the reference
-            if hasattr(enc, "project"):
-                enc.project.linear.reset_parameters()
-            if enc.decoder is not None:
-                for m in enc.decoder.proj.modules():
-                    if isinstance(m, nn.Linear):
-                        m.reset_parameters()
+        for enc in self.encoders():
+            enc.reset_parameters()
         self.num_updates = 0
         self.ema_decay = cfg.ema_decay
         self.ema_steps = 0
@@ -97,11 +93,13 @@ class Data2Vec(nn.Module):
         )
         self.teacher: Optional[EMATeacher] = None
         self.make_teacher()
-        self.compiled = False
-        if getattr(cfg, "compile_blocks", False):
+        if cfg.compile_blocks:
             self.compile_blocks()
         self._register_state_dict_hook(_teacher_to_ema_entry)
         self._register_load_state_dict_pre_hook(_ema_entry_to_teacher, with_module=True)
+
+    def encoders(self) -> Tuple[ModalityEncoder, ...]:
+        return tuple(self.modality_encoders.values())
 
     def make_block(self, i: int, depth: int) -> Block:
         cfg = self.cfg
@@ -117,33 +115,6 @@ class Data2Vec(nn.Module):
         )
         self.teacher = EMATeacher({"modality_encoders": encoders, "blocks": self.blocks}, copy_prefixes)
 
-    # -- torch.compile -----------------------------------------------------------------
-    def shared_blocks(self):
-        return list(self.blocks) + (list(self.teacher.blocks) if self.teacher is not None else [])
-
-    def compile_blocks(self) -> bool:
-        """Compile every shared block in place (``nn.Module.compile``: parameter names and
-        checkpoints unchanged). A forward + backward through one compiled block checks the
-        toolchain first; on failure the blocks stay eager and a warning says why."""
-        blocks = self.shared_blocks()
-        try:
-            for b in blocks:
-                b.compile(dynamic=True)
-            probe = blocks[0]
-            x = torch.randn(2, 3, self.cfg.embed_dim, device=probe.norm1.weight.device, requires_grad=True)
-            sum(t.sum() for t in probe(x)).backward()
-            probe.zero_grad(set_to_none=True)
-            self.compiled = True
-        except Exception as err:  # no compiler, unsupported platform or op: keep the eager blocks
-            self.uncompile_blocks()
-            logger.warning("model.compile_blocks: torch.compile failed (%s); running the blocks eagerly", first_line(err))
-        return self.compiled
-
-    def uncompile_blocks(self) -> None:
-        for b in self.shared_blocks():
-            b._compiled_call_impl = None
-        self.compiled = False
-
     # -- EMA ---------------------------------------------------------------------------
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
@@ -158,23 +129,19 @@ class Data2Vec(nn.Module):
     # -- forward -----------------------------------------------------------------------
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, mask: Optional[Tensor] = None,
                 modality: Optional[str] = None, **unused) -> Dict:
-        """source: modality input (audio (B, L), image (B, C, H, W)); mask: (B * clone_batch, T)
-        bool, True = masked (drawn here if None). Returns losses, sample_size and diagnostics."""
+        """source: modality input (audio (B, L), image (B, C, H, W), text (B, T)); mask:
+        (B * clone_batch, T) bool, True = masked (drawn here if None). Returns losses,
+        sample_size and diagnostics."""
         modality = self.pick_modality(modality)
         enc = self.modality_encoders[modality]
-        corrupts = getattr(enc, "corrupts_tokens", False)  # v1 text: the student embeds corrupted ids, the teacher clean ones
-        if corrupts:
-            (B, T), feats, pad = source.shape, None, enc.padding(source, padding_mask)
-        else:
-            feats, pad = enc.local_features(source, padding_mask)  # (B, T, D), (B, T) | None
-            B, T, _ = feats.shape
+        feats, pad = enc.local_features(source, padding_mask)  # (B, T, D), (B, T) | None
         if mask is None:
+            B, T, _ = feats.shape
             mask = enc.masking(enc.frame_lengths(pad, B, T), T).to(source.device)
         targets, _ = self.forward_teacher(modality, feats, pad, source)  # (B, T, D) fp32
-        if corrupts:
-            feats, _ = enc.local_features(enc.corrupt(source, mask), padding_mask)
+        feats = enc.student_features(feats, source, padding_mask, mask)
         pred, cls_pred = self.forward_student(modality, feats, pad, mask)  # (N, D), (BM, D) | None
-        return self.forward_loss(pred, targets, mask, cls_pred, enc.cls_loss)
+        return self.forward_loss(pred, targets, mask, cls_pred, enc.cls_loss_weight)
 
     def pick_modality(self, modality: Optional[str]) -> str:
         """The named modality, or the only one the model has."""
@@ -184,46 +151,34 @@ class Data2Vec(nn.Module):
             raise ValueError(f"modality {modality!r}: choose one of this model's encoders ({', '.join(self.modality_encoders)})")
         return modality
 
-    def encode(self, enc, x: Tensor, padding_mask: Optional[Tensor], positions: Tensor, blocks: nn.ModuleList,
-               keep_last: Optional[int] = 0):
+    def encode(self, enc: ModalityEncoder, x: Tensor, padding_mask: Optional[Tensor], positions: Tensor,
+               blocks: nn.ModuleList, keep_last: Optional[int] = 0, student: bool = True):
         """Extra tokens + context stage + shared blocks. x: (B, K, D) with positions added;
         positions: (B, K) index of each token (for ALiBi). Returns (B, E + K, D) and the
-        blocks' FFN outputs, extra tokens included."""
+        blocks' FFN outputs, extra tokens included. The teacher (``student=False``) runs
+        without input dropout."""
         if enc.num_extra:
             x = torch.cat([enc.extra_tokens.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
             if padding_mask is not None:
                 padding_mask = nn.functional.pad(padding_mask, (enc.num_extra, 0), value=False)
         bias = attention_bias(padding_mask, enc.alibi(positions), x.dtype)
         x = enc.context(x, bias)
-        if blocks is not self.teacher_blocks():
-            x = self.dropout_input(x)  # the student's; the teacher runs without dropout
-        try:
-            return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
-        except Exception as err:  # a graph torch.compile cannot build: fall back for good
-            if not self.compiled:
-                raise
-            self.uncompile_blocks()
-            logger.warning("model.compile_blocks: compiled blocks failed (%s); running them eagerly from now on",
-                           first_line(err))
-            return run_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
-
-    def teacher_blocks(self) -> Optional[nn.ModuleList]:
-        return None if self.teacher is None else self.teacher.blocks
+        if student:
+            x = self.dropout_input(x)
+        return self.run_shared_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
 
     @torch.no_grad()
     def forward_teacher(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], source: Optional[Tensor] = None):
         """feats: (B, T, D) student local features -> targets (B, T, D) fp32 from the top-K
-        FFN outputs. A teacher with its own local encoder (v2 images, v1 text) embeds ``source``
-        (``feats`` may then be None)."""
-        enc = self.teacher.modality_encoders[modality]
-        if getattr(enc, "teacher_uses_student_encoder", False):  # v2 text: EMA of the blocks only
-            enc = self.modality_encoders[modality]
+        FFN outputs of the teacher, and those outputs. The student encoder says what the
+        teacher reads (``teacher_features``) and whose context stage it runs (``teacher_encoder``)."""
+        student_enc, teacher_enc = self.modality_encoders[modality], self.teacher.modality_encoders[modality]
+        feats, padding_mask = student_enc.teacher_features(teacher_enc, feats, padding_mask, source)
+        enc = student_enc.teacher_encoder(teacher_enc)
         K, E = self.cfg.average_top_k_layers, enc.num_extra
-        if enc.ema_local_encoder:
-            feats, padding_mask = enc.local_features(source.float() if source.is_floating_point() else source, None)
         x = enc.add_positions(feats.detach().float(), padding_mask)
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
-        _, layer_outputs = self.encode(enc, x, padding_mask, positions, self.teacher.blocks, keep_last=K)
+        _, layer_outputs = self.encode(enc, x, padding_mask, positions, self.teacher.blocks, keep_last=K, student=False)
         layer_outputs = [y[:, E:] for y in layer_outputs]
         return self.make_targets(layer_outputs, padding_mask), layer_outputs
 
@@ -257,9 +212,9 @@ class Data2Vec(nn.Module):
             keep_pad = keep_pad | torch.gather(pad, 1, keep_ids)
         h, _ = self.encode(enc, x, keep_pad if keep_pad.any() else None, keep_ids, self.blocks)
         cls_pred = h[:, E - 1] if E else None
-        return enc.decoder(self.decoder_input(h[:, E:], keep_ids, keep_pad, mask, enc), mask), cls_pred
+        return enc.decoder(self.decoder_input(h[:, E:], keep_ids, keep_pad, mask), mask), cls_pred
 
-    def decoder_input(self, h: Tensor, keep_ids: Tensor, keep_pad: Tensor, mask: Tensor, enc) -> Tensor:
+    def decoder_input(self, h: Tensor, keep_ids: Tensor, keep_pad: Tensor, mask: Tensor) -> Tensor:
         """Encoder output at kept positions (BM, K, D) -> full sequence (BM, T, D) with
         N(0, mask_noise_std) at masked positions."""
         h = nn.functional.dropout(h, self.cfg.decoder_input_dropout, self.training)

@@ -94,9 +94,3 @@ class EMATeacher(nn.Module):
         every rank of a distributed run when the teachers are equal."""
         tensors = list(self.parameters()) + [b for b in self.buffers() if b.is_floating_point()]
         return torch.stack([torch.stack([t.double().sum(), t.double().pow(2).sum()]) for t in tensors])
-
-    @torch.no_grad()
-    def copy_from(self, student: nn.Module) -> None:
-        """Make the teacher equal to the student (a checkpoint without ``_ema``)."""
-        for _, t, s in self._pairs(student):
-            t.copy_(s)

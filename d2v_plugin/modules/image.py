@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .decoder import ConvDecoder
 from .ema import teacher_view
+from .encoder import ModalityEncoder
 from .masking import MaskSettings
 from .positional import resize_grid, sincos_2d
 from .transformer import ContextEncoder
@@ -39,7 +40,16 @@ class PatchEmbed(nn.Module):
         return self.proj(images).flatten(2).transpose(1, 2)
 
 
-class ImageEncoder(nn.Module):
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def prepare_image(image: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor:
+    """A decoded RGB image (3, H, W) in [0, 1] -> the model's input, normalised per channel."""
+    return (image - torch.tensor(mean).view(-1, 1, 1)) / torch.tensor(std).view(-1, 1, 1)
+
+
+class ImageEncoder(ModalityEncoder):
     modality = "image"
 
     def __init__(self, cfg, algorithm: str, make_block):
@@ -59,22 +69,13 @@ class ImageEncoder(nn.Module):
         self.masking = MaskSettings.from_config(cfg, "image", self.grid)
         self.mask_emb = nn.Parameter(torch.zeros(D).normal_(0, 0.02)) if algorithm == "v1" else None
         self.decoder = ConvDecoder.from_config(cfg, "image", self.grid) if algorithm == "v2" else None
-        self.ema_local_encoder = cfg.image_ema_local_encoder and algorithm == "v2"  # v1 teachers share it
-        self.ema_copied = ()  # the frozen position table is copied anyway
-        self.cls_loss = cfg.image_cls_loss if algorithm == "v2" else 0.0
-        self.zero_padding = False
-
-    @property
-    def num_extra(self) -> int:
-        return 0 if self.extra_tokens is None else self.extra_tokens.shape[1]
+        self.teacher_owns_patch_embed = cfg.image_ema_local_encoder and algorithm == "v2"  # v1 teachers share it
+        self.cls_loss_weight = cfg.image_cls_loss if algorithm == "v2" else 0.0
 
     # -- shared by student and teacher -------------------------------------------------
     def local_features(self, source: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:
         """source: (B, C, H, W) -> patches (B, L, D), no padding."""
         return self.patch_embed(source), None
-
-    def frame_lengths(self, padding_mask: Optional[Tensor], batch: int, num_frames: int) -> Tensor:
-        return torch.full((batch,), num_frames, dtype=torch.long)
 
     def add_positions(self, x: Tensor, padding_mask: Optional[Tensor] = None, zero_mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, L, D) -> x + fixed 2-D positions (resized if the grid differs)."""
@@ -87,14 +88,15 @@ class ImageEncoder(nn.Module):
             table = resize_grid(table, self.grid, (side, side))
         return x + table.to(x.dtype)
 
-    def alibi(self, positions: Tensor) -> None:
-        return None
+    def teacher_features(self, teacher: "ImageEncoder", feats: Tensor, padding_mask: Optional[Tensor],
+                         source: Tensor) -> Tuple[Tensor, None]:
+        """data2vec 2.0: the teacher embeds the images with its own EMA patch embedding (fp32)."""
+        if self.teacher_owns_patch_embed:
+            return teacher.local_features(source.float())
+        return feats, padding_mask
 
     def teacher_copy(self) -> "ImageEncoder":
         """What the EMA teacher owns: positions, extra tokens, context and (data2vec 2.0)
         its own patch embedding; never the decoder or the mask embedding."""
-        dropped = ("decoder",) if self.ema_local_encoder else ("decoder", "patch_embed")
+        dropped = ("decoder",) if self.teacher_owns_patch_embed else ("decoder", "patch_embed")
         return teacher_view(self, dropped, ("mask_emb",))
-
-    def remove_pretraining_modules(self) -> None:
-        self.decoder = None

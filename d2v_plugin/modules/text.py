@@ -23,11 +23,17 @@ from torch import Tensor
 
 from .decoder import ConvDecoder
 from .ema import teacher_view
+from .encoder import ModalityEncoder
 from .masking import MaskSettings
 from .transformer import ContextEncoder
 
 
-class TextEncoder(nn.Module):
+def prepare_tokens(ids: Tensor, bos: int, max_positions: int) -> Tensor:
+    """A sentence's ids (n,) -> the model's input: ``<s>`` first, cut to ``max_positions``."""
+    return torch.cat([torch.tensor([bos], dtype=ids.dtype), ids])[:max_positions]
+
+
+class TextEncoder(ModalityEncoder):
     modality = "text"
 
     def __init__(self, cfg, algorithm: str, make_block):
@@ -53,12 +59,11 @@ class TextEncoder(nn.Module):
         self.context = ContextEncoder(D, cfg.norm_eps, cfg.text_prenet_dropout, prenet,
                                       cfg.layer_norm_first or cfg.text_prenet_depth == 0)
         self.masking = MaskSettings.from_config(cfg, "text")
-        self.mask_emb = None
         self.decoder = ConvDecoder.from_config(cfg, "text") if algorithm == "v2" else None
-        self.extra_tokens, self.num_extra, self.cls_loss = None, 0, 0.0
-        self.teacher_uses_student_encoder = algorithm == "v2" and cfg.text_ema_encoder_only
-        # v1: the teacher embeds the clean tokens with copies of the student's embeddings
-        self.ema_local_encoder = self.corrupts_tokens = self.zero_padding = algorithm == "v1"
+        self.teacher_blocks_only = algorithm == "v2" and cfg.text_ema_encoder_only
+        # v1: the student reads corrupted ids; the teacher embeds the clean ones with copies of
+        # the student's embeddings; padded embeddings are zeros (fairseq's TransformerEncoder)
+        self.corrupts_tokens = self.zero_padding = algorithm == "v1"
         self.ema_copied = ("embed_tokens", "embed_positions", "layernorm_embedding") if algorithm == "v1" else ()
 
     def local_features(self, source: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
@@ -91,23 +96,28 @@ class TextEncoder(nn.Module):
         words = words + (words >= self.mask_index).long()  # skip <mask>
         return torch.where(swap, words, out)
 
-    def frame_lengths(self, padding_mask: Optional[Tensor], batch: int, num_frames: int) -> Tensor:
-        if padding_mask is None:
-            return torch.full((batch,), num_frames, dtype=torch.long)
-        return (~padding_mask).sum(1).cpu()
+    def student_features(self, feats: Tensor, source: Tensor, padding_mask: Optional[Tensor], mask: Tensor) -> Tensor:
+        """data2vec 1.0: the student embeds the corrupted sentence (learned positions are part of
+        the local features, so ``add_positions`` is the identity)."""
+        if self.corrupts_tokens:
+            return self.local_features(self.corrupt(source, mask), padding_mask)[0]
+        return feats
 
-    def add_positions(self, x: Tensor, padding_mask: Optional[Tensor] = None, zero_mask: Optional[Tensor] = None) -> Tensor:
-        return x  # learned positions are part of the local features
+    def teacher_features(self, teacher: "TextEncoder", feats: Tensor, padding_mask: Optional[Tensor],
+                         source: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+        """data2vec 1.0: the teacher embeds the clean sentence with its copied embeddings."""
+        if self.corrupts_tokens:
+            return teacher.local_features(source, padding_mask)
+        return feats, padding_mask
 
-    def alibi(self, positions: Tensor) -> None:
-        return None
+    def teacher_encoder(self, teacher: "TextEncoder") -> "TextEncoder":
+        """data2vec 2.0: the teacher is an EMA of the shared blocks only, fed the student's
+        embeddings and context stage."""
+        return self if self.teacher_blocks_only else teacher
 
     def teacher_copy(self) -> nn.Module:
         """data2vec 2.0 text: the teacher owns no encoder part (only the shared blocks);
         1.0: it owns the embeddings too (copied from the student at every step)."""
-        if self.teacher_uses_student_encoder:
+        if self.teacher_blocks_only:
             return teacher_view(self, tuple(self._modules), tuple(self._parameters))
         return teacher_view(self, ("decoder",))
-
-    def remove_pretraining_modules(self) -> None:
-        self.decoder = None

@@ -13,9 +13,10 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.audio import AudioDataError, LabelledAudioDataset
+from ..fairseq_utils import unwrap
 from ..modules.ctc import ctc_best_path
 from ..modules.feature_extractor import conv_output_lengths, receptive_field
-from .base import FinetuneTaskMixin, NoDictionaryTask, data_dir, unwrap
+from .base import FinetuneTaskMixin, NoDictionaryTask, data_dir
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,9 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.audio import AudioDataError, AudioPretrainDataset
+from ..fairseq_utils import unwrap
 from ..modules.feature_extractor import receptive_field
-from .base import EMAStepMixin, NoDictionaryTask, WorkerMasksMixin, data_dir, unwrap
+from .base import EMAStepMixin, NoDictionaryTask, WorkerMasksMixin, data_dir
 
 logger = logging.getLogger(__name__)
 

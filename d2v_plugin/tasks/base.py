@@ -7,19 +7,11 @@ import os
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 from omegaconf.errors import MissingMandatoryValue
 
-from ..models.config import set_cfg_field
+from ..fairseq_utils import set_cfg_field, unwrap
 
 logger = logging.getLogger(__name__)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / fairseq wrappers."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
 
 
 class EMAStepMixin:

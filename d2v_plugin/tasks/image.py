@@ -15,7 +15,8 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.image import ImageDataError, ImageDataset
-from .base import EMAStepMixin, FinetuneTaskMixin, NoDictionaryTask, WorkerMasksMixin, data_dir, unwrap
+from ..fairseq_utils import unwrap
+from .base import EMAStepMixin, FinetuneTaskMixin, NoDictionaryTask, WorkerMasksMixin, data_dir
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..data.multimodal import MultiModalityDataset
+from ..fairseq_utils import unwrap
 from .audio_pretraining import D2vAudioPretrainingConfig, D2vAudioPretrainingTask
-from .base import EMAStepMixin, NoDictionaryTask, unwrap
+from .base import EMAStepMixin, NoDictionaryTask
 from .image import D2vImagePretrainingTask, D2vImageTaskConfig
 from .text import BREAK_MODE, D2vTextPretrainingConfig, D2vTextPretrainingTask
 

@@ -17,8 +17,8 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.text import TextBlockDataset, TextDataError
-from ..models.config import set_cfg_field
-from .base import EMAStepMixin, FinetuneTaskMixin, WorkerMasksMixin, data_dir, unwrap
+from ..fairseq_utils import set_cfg_field, unwrap
+from .base import EMAStepMixin, FinetuneTaskMixin, WorkerMasksMixin, data_dir
 
 logger = logging.getLogger(__name__)
 BREAK_MODE = ChoiceEnum(["none", "complete", "complete_doc", "eos"])
