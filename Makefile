@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed-0.1.1
 TORCH := torch==2.13.0
 SYS_PACKAGES := espeak-ng wordnet-base dataset-fashion-mnist
 DATA := data
-.PHONY: demo test lint sysdeps venv bench clean
+.PHONY: demo test test-fast lint sysdeps venv bench clean
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ lint: $(STAMP)
 
 test: $(STAMP) sysdeps lint
 	$(PY) -m pytest -q tests
+
+# the unit tier: modules, golden and trajectory parity, tiny models (no fairseq binaries, no corpora)
+test-fast: $(STAMP) lint
+	$(PY) -m pytest -q -m "not slow and not compile" tests
 
 demo: $(STAMP) sysdeps
 	$(PY) examples/speech_demo.py --work $(DATA)/demo

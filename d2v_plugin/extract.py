@@ -106,7 +106,7 @@ class Extractor:
                 h.remove()
         pad = out["padding_mask"]
         if layer == "avg_top_k":
-            return m.make_targets([y[:, E:] for y in out["layer_results"][-m.cfg.average_top_k_layers:]], pad), pad
+            return m.make_targets([y[:, E:] for y in out["layer_results"][-m.settings.average_top_k_layers:]], pad), pad
         if layer == "all":
             return torch.stack([y[:, E:] for y in outputs], dim=1), pad
         return out["x"], pad
@@ -184,7 +184,8 @@ def load(path: str, modality: Optional[str] = None) -> Extractor:
     picks the encoder of a multimodal model."""
     from .models.config import D2vMultiConfig
     from .models.pretrained import PretrainedCheckpointError, read_pretrained
-    from .modules.data2vec import Data2Vec
+    from .models.settings import model_settings
+    from .modules.data2vec import Data2Vec, parse_modalities
 
     if not os.path.isfile(path):
         raise ExtractError(f"--checkpoint {path!r}: file not found")
@@ -192,7 +193,7 @@ def load(path: str, modality: Optional[str] = None) -> Extractor:
         pre = read_pretrained(path, None)
     except PretrainedCheckpointError as e:
         raise ExtractError(str(e)) from e
-    modalities = [m.strip() for m in str(pre["model"].get("modalities", "audio")).split(",")]
+    modalities = parse_modalities(pre["model"].get("modalities", "audio"))
     if modality is None:
         if len(modalities) != 1:
             raise ExtractError(f"{path} has encoders for {', '.join(modalities)}: choose one with --modality")
@@ -201,7 +202,7 @@ def load(path: str, modality: Optional[str] = None) -> Extractor:
         raise ExtractError(f"{path} has no {modality} encoder (modalities={','.join(modalities)}); "
                            "use a checkpoint of that modality or --modality " + modalities[0])
     fields = set(D2vMultiConfig.__dataclass_fields__)
-    model = Data2Vec(D2vMultiConfig(**{k: v for k, v in pre["model"].items() if k in fields}))
+    model = Data2Vec(model_settings(D2vMultiConfig(**{k: v for k, v in pre["model"].items() if k in fields})))
     model.load_state_dict(pre["state"])
     model.remove_pretraining_modules(modality)
     return Extractor(model, modality, pre["task"], pre["task_state"], path)

@@ -7,6 +7,16 @@ import pytest
 
 from d2v_plugin.models.config import D2vMultiConfig
 
+CORPUS_FIXTURES = {"speech_corpus", "pretrained", "asr_data", "corpora"}  # built by subprocesses: the slow tier
+
+
+def pytest_collection_modifyitems(items):
+    """A test that needs a generated corpus belongs to the slow (integration) tier."""
+    for item in items:
+        if CORPUS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.dirname(sys.executable)
 TINY = dict(

@@ -98,6 +98,7 @@ def test_auto_alphabet_takes_the_train_characters(tmp_path):
     assert (man / "train.ltr").read_text().splitlines()[1] == "K O N |"
 
 
+@pytest.mark.slow
 def test_labelled_dataset_pads_and_aligns(asr_data):
     d = Dictionary.load(str(asr_data / "dict.ltr.txt"))
     ds = LabelledAudioDataset(str(asr_data / "valid.tsv"), str(asr_data / "valid.ltr"), d, shuffle=False)
@@ -182,6 +183,7 @@ def asr_task(asr_data, **kw):
     return D2vAsrFinetuningTask.setup_task(D2vAsrFinetuningConfig(data=str(asr_data), seed=1, **kw))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("algorithm", ["v1", "v2"])
 def test_ctc_model_starts_from_the_pretrained_student(pretrained, asr_data, algorithm):
     path, _ = pretrained(algorithm)
@@ -191,7 +193,7 @@ def test_ctc_model_starts_from_the_pretrained_student(pretrained, asr_data, algo
     saved = torch.load(path, weights_only=True)["model"]
     enc = model.encoder
     assert enc.teacher is None and enc.final_proj is None and enc.modality_encoders["audio"].decoder is None
-    assert enc.cfg.algorithm == algorithm and enc.cfg.audio_feature_grad_mult == 0.0 and enc.cfg.activation_dropout == 0.2
+    assert enc.settings.algorithm == algorithm and enc.settings.audio.feature_grad_mult == 0.0 and enc.settings.activation_dropout == 0.2
     for k, v in enc.state_dict().items():
         assert torch.equal(v, saved[k]), k
     assert model.proj.out_features == len(task.target_dictionary)
@@ -259,6 +261,7 @@ def test_finetune_yaml_composes(path):
 
 
 # -- the binaries ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_fairseq_train_then_generate_scores_wer(pretrained, asr_data, tmp_path):
     path, _ = pretrained("v2")
     log = run([os.path.join(BIN, "fairseq-train"), str(asr_data), "--user-dir", user_dir(), "--task", "d2v_asr_finetuning",
@@ -293,6 +296,7 @@ def test_fairseq_train_then_generate_scores_wer(pretrained, asr_data, tmp_path):
     assert reported == pytest.approx(expected, abs=0.006)
 
 
+@pytest.mark.slow
 def test_fairseq_hydra_train_tiny_finetune_yaml(pretrained, asr_data, tmp_path):
     path, _ = pretrained("v1")
     log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/finetune/asr"),

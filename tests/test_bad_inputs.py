@@ -82,6 +82,7 @@ def test_audio_nan_or_inf_samples(tmp_path):
             first_item(tmp_path, "n.wav", 1000)
 
 
+@pytest.mark.slow
 def test_audio_shorter_than_receptive_field(tmp_path, caplog):
     wav(tmp_path / "long.wav", 2000)
     wav(tmp_path / "short.wav", 300)
@@ -170,6 +171,7 @@ def test_image_tiny_image_is_upsampled(tmp_path):
 
 
 # -- text ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_text_empty_line_long_line_undecodable_bytes(tmp_path):
     good = [f"sentence number {i} with a few more words in it" for i in range(30)]
     raw = tmp_path / "raw.txt"
@@ -181,6 +183,7 @@ def test_text_empty_line_long_line_undecodable_bytes(tmp_path):
     assert "empty line" in skipped[0] and "undecodable bytes" in skipped[1] and "> --max-chars 200" in skipped[2]
 
 
+@pytest.mark.slow
 def test_text_line_longer_than_max_positions(tmp_path, caplog):
     """Pretraining cuts the token stream into blocks (break mode none); a sentence longer than
     max_positions in classification is cut, counted and logged."""
@@ -208,6 +211,7 @@ def hydra_train(*overrides):
                           cwd=REPO, capture_output=True, text=True)
 
 
+@pytest.mark.slow
 def test_config_unknown_key(tmp_path):
     out = hydra_train(f"task.data={tmp_path}", "model.depht=2", f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0 and "Could not override 'model.depht'" in out.stderr and "Key 'depht' is not in struct" in out.stderr
@@ -216,6 +220,7 @@ def test_config_unknown_key(tmp_path):
     assert flags.returncode != 0 and "unrecognized arguments: --depht 2" in flags.stderr
 
 
+@pytest.mark.slow
 def test_config_missing_required_path(tmp_path):
     out = hydra_train(f"hydra.run.dir={tmp_path}")
     assert out.returncode != 0 and "task.data is not set: give the data folder" in out.stderr
@@ -232,14 +237,24 @@ def test_config_inconsistent_sizes(bad, message):
         D2vMultiModel(tiny_cfg(**bad))
 
 
-def test_labels_count_and_unknown_characters_are_in_test_asr():
-    """Labels (count mismatch with the manifest, characters outside the dictionary) are
-    covered in tests/test_asr.py (test_labelled_dataset_rejects_misaligned_or_unknown_labels,
-    test_bad_transcripts_are_reported_with_their_lines); this row keeps the matrix complete."""
-    import tests.test_asr as asr
+def test_labels_count_and_unknown_characters(tmp_path):
+    """A label file with fewer lines than its manifest, or a symbol outside the letter
+    dictionary, is one error naming the file (and the line)."""
+    from fairseq.data import Dictionary
 
-    assert hasattr(asr, "test_labelled_dataset_rejects_misaligned_or_unknown_labels")
-    assert hasattr(asr, "test_bad_transcripts_are_reported_with_their_lines")
+    from d2v_plugin.data.audio import LabelledAudioDataset
+
+    rows = [(wav(tmp_path / f"{i}.wav", 16000).name, 16000) for i in range(3)]
+    tsv = manifest(tmp_path, rows)
+    letters = Dictionary()
+    for c in "AB|":
+        letters.add_symbol(c)
+    (tmp_path / "short.ltr").write_text("A |\nB |\n")
+    with pytest.raises(AudioDataError, match=r"short.ltr.* has 2 lines but .* lists 3 files"):
+        LabelledAudioDataset(tsv, str(tmp_path / "short.ltr"), letters)
+    (tmp_path / "bad.ltr").write_text("A |\nA # |\nB |\n")
+    with pytest.raises(AudioDataError, match=r"bad.ltr, line 2: symbols \['#'\] not in the dictionary"):
+        LabelledAudioDataset(tsv, str(tmp_path / "bad.ltr"), letters)
 
 
 if __name__ == "__main__":

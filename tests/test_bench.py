@@ -37,6 +37,7 @@ def test_bench_configs_are_the_shipped_yamls():
     assert (small.depth, small.embed_dim, small.clone_batch, small.algorithm) == (6, 256, 1, "v1")
 
 
+@pytest.mark.slow
 def test_bench_one_configuration_reports_every_part():
     out = subprocess.run([sys.executable, "bench/pretrain.py", "--one", "image", "tiny", "v2", "2", "--reps", "1"],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
@@ -116,7 +117,7 @@ def test_compile_failure_at_run_time_falls_back(monkeypatch, caplog):
     assert "running them eagerly from now on" in caplog.text
 
 
-@pytest.mark.slow
+@pytest.mark.compile
 def test_compiled_blocks_match_eager():
     torch.manual_seed(0)
     model = D2vMultiModel(tiny_cfg(compile_blocks=True))

@@ -59,6 +59,7 @@ def test_bad_official_checkpoints_are_named(tmp_path):
         convert_main(["--from-fairseq", str(tmp_path / "odd.pt"), "--out", str(tmp_path / "o.pt")])
 
 
+@pytest.mark.slow
 def test_official_checkpoints_fine_tune_with_plugin_tasks(asr_data, tmp_path):
     """An official speech checkpoint (converted) fine-tunes with CTC; an official image one
     (read directly, no conversion step) with image classification."""
@@ -83,6 +84,7 @@ def test_official_checkpoints_fine_tune_with_plugin_tasks(asr_data, tmp_path):
     assert "done training" in log and "converted on load" in log
 
 
+@pytest.mark.slow
 def test_converted_official_text_checkpoint_fine_tunes(tmp_path):
     """Classification data binarised with the official model's dictionary (the fixture's
     w0..w94), then d2v_text_classification from the converted checkpoint."""

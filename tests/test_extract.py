@@ -67,6 +67,7 @@ def source_by_hand(modality, item, cfg, text_data=None):
     return torch.tensor([d.bos()] + [d.index(p) for p in pieces] + [d.eos()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
 def test_features_equal_extract_features(checkpoints, speech_corpus, modality):
     model, cfg = fairseq_model(checkpoints[modality])
@@ -100,6 +101,7 @@ def test_features_equal_extract_features(checkpoints, speech_corpus, modality):
         assert a.shape == b.shape and np.abs(a - b).max() <= 1e-4
 
 
+@pytest.mark.slow
 def test_cli_writes_npz_and_folder(checkpoints, tmp_path):
     lines = tmp_path / "lines.txt"
     lines.write_text("\n".join(checkpoints["inputs"]["text"]) + "\n")
@@ -113,6 +115,7 @@ def test_cli_writes_npz_and_folder(checkpoints, tmp_path):
     assert np.load(tmp_path / "folder" / "000001.npy").shape[1] == 32
 
 
+@pytest.mark.slow
 def test_unreadable_inputs_and_mismatched_modality(checkpoints, tmp_path):
     (tmp_path / "bad.wav").write_text("not audio")
     ex = d2v_plugin.load(str(checkpoints["audio"]))

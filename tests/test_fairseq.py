@@ -29,6 +29,7 @@ def test_registries_hold_plugin_classes():
     assert CRITERION_REGISTRY["d2v"] is D2vCriterion
 
 
+@pytest.mark.slow
 def test_userdir_module_prints_package_dir():
     out = subprocess.run([sys.executable, "-m", "d2v_plugin.userdir"], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == user_dir() and os.path.isfile(os.path.join(user_dir(), "__init__.py"))
@@ -99,6 +100,7 @@ def check_checkpoint(path):
     return models[0], cfg
 
 
+@pytest.mark.slow
 def test_fairseq_hydra_train_tiny_v2(speech_corpus, tmp_path):
     log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/pretrain/audio"),
                "--config-name", "tiny_v2", f"task.data={speech_corpus / 'manifest'}", f"common.user_dir={user_dir()}",

@@ -104,7 +104,7 @@ def test_training_forward(fixture):
     ref_layers = [t.transpose(0, 1) for t in out["teacher_layer_results_tbc"]] if v1 else out["teacher_layer_results"]
     if not v1:
         close("teacher_in", seen["teacher_in"], out["teacher_in"])
-    for i, (ours, ref) in enumerate(zip(layers, ref_layers[-len(layers):])):
+    for i, (ours, ref) in enumerate(zip(layers, ref_layers[-model.settings.average_top_k_layers:], strict=True)):
         close(f"teacher layer {i}", ours, ref)
     close("targets", targets, out["targets"])
 
@@ -148,7 +148,7 @@ def test_image_training_forward(image_fixture):
     targets, layers = model.forward_teacher("image", feats, pad, src)
     close("teacher_local_encoder_out", seen["t_local"], out["teacher_local_encoder_out"])
     close("teacher_in", seen["teacher_in"], out["teacher_in"])
-    for i, (ours, ref) in enumerate(zip(layers, out["teacher_layer_results"][-len(layers):])):
+    for i, (ours, ref) in enumerate(zip(layers, out["teacher_layer_results"][-model.settings.average_top_k_layers:], strict=True)):
         close(f"teacher layer {i}", ours, ref[:, E:])
     close("targets", targets, out["targets"])
 
@@ -183,7 +183,7 @@ def test_image_eval_features_and_ema(path):
         feats = model.extract_features(r["inputs"]["source"], modality="image")
     ref = r["outputs"]["features"]
     close("features.x", feats["x"], ref["x"])
-    for i, (ours, theirs) in enumerate(zip(feats["layer_results"], ref["layer_results"])):
+    for i, (ours, theirs) in enumerate(zip(feats["layer_results"], ref["layer_results"], strict=True)):
         close(f"features layer {i}", ours, theirs)
     check_ema_step(r, model.train())
 
@@ -202,7 +202,7 @@ def test_text_v2(path):
     close("local_features", feats, out["local_features"])
     targets, layers = model.forward_teacher("text", feats, token_pad, src)
     close("teacher_in", seen["teacher_in"], out["teacher_in"])
-    for i, (ours, ref) in enumerate(zip(layers, out["teacher_layer_results"][-len(layers):])):
+    for i, (ours, ref) in enumerate(zip(layers, out["teacher_layer_results"][-model.settings.average_top_k_layers:], strict=True)):
         close(f"teacher layer {i}", ours, ref)
     close("targets", targets, out["targets"])
     pred, _ = model.forward_student("text", feats, token_pad, mask)
@@ -219,7 +219,7 @@ def test_text_v2(path):
     with torch.no_grad():
         feats = model.eval().extract_features(src, pad)
     close("features.x", feats["x"], out["features"]["x"])
-    for i, (ours, theirs) in enumerate(zip(feats["layer_results"], out["features"]["layer_results"])):
+    for i, (ours, theirs) in enumerate(zip(feats["layer_results"], out["features"]["layer_results"], strict=True)):
         close(f"features layer {i}", ours, theirs)
     check_ema_step(r, model.train())
 
@@ -246,12 +246,12 @@ def test_text_v1(path):
     close("embedding_out", feats, out["embedding_out"].masked_fill(pad.unsqueeze(-1), 0.0))
     targets, layers = model.forward_teacher("text", *enc.local_features(clean), clean)
     assert torch.equal(seen["teacher_tokens"], clean), "the v1 teacher must read the clean sentence"
-    for i, (ours, ref) in enumerate(zip(layers, out["teacher_layer_results_tbc"][-len(layers):])):
+    for i, (ours, ref) in enumerate(zip(layers, out["teacher_layer_results_tbc"][-model.settings.average_top_k_layers:], strict=True)):
         close(f"teacher layer {i}", ours, ref.transpose(0, 1))
     close("targets", targets, out["targets"])
     close("targets_masked", targets[mask], out["targets_masked"])
     pred, _ = model.forward_student("text", feats, pad, mask)
-    for i, (ours, ref) in enumerate(zip(seen["student"], out["student_layer_out_tbc"])):
+    for i, (ours, ref) in enumerate(zip(seen["student"], out["student_layer_out_tbc"], strict=True)):
         close(f"student layer {i}", ours, ref.transpose(0, 1))
     close("pred_masked", pred, out["pred_masked"])
     elementwise = regression_loss(pred, targets[mask], model.cfg.loss, model.cfg.loss_beta, model.cfg.loss_scale)
@@ -266,7 +266,7 @@ def test_text_v1(path):
     close("features.x", feats["x"], out["features_eval"]["x"])
     inner = out["features_eval"]["inner_states_tbc"]
     close("features embedding", enc.local_features(clean)[0], inner[0].transpose(0, 1))
-    for i, (ours, ref) in enumerate(zip(seen["student"], inner[1:])):
+    for i, (ours, ref) in enumerate(zip(seen["student"], inner[1:], strict=True)):
         close(f"features layer {i}", ours, ref.transpose(0, 1))
     check_ema_step(r, model.train())
 
@@ -280,7 +280,7 @@ def test_eval_features(fixture):
         feats = model.extract_features(r["inputs"]["source"], r["inputs"]["padding_mask"])
     close("features.x", feats["x"], ref["x"])
     ref_layers = [t.transpose(0, 1) for t in ref["layer_results_tbc"]] if v1 else ref["layer_results"]
-    for i, (ours, theirs) in enumerate(zip(feats["layer_results"], ref_layers)):
+    for i, (ours, theirs) in enumerate(zip(feats["layer_results"], ref_layers, strict=True)):
         close(f"features layer {i}", ours, theirs)
 
 

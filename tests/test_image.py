@@ -151,6 +151,7 @@ def test_image_model_trains_and_extracts(algorithm):
 
 
 # -- the binaries --------------------------------------------------------------------------
+@pytest.mark.slow
 def test_pretrain_finetune_validate_with_fairseq_binaries(tmp_path):
     make_folder(tmp_path / "img", per_class=16, size=32)
     write_lists(str(tmp_path / "img"), str(tmp_path / "lists"), labelled=16)

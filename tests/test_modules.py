@@ -64,12 +64,38 @@ def test_teacher_fp32_no_grad_not_trainable():
     assert {p.dtype for p in model.teacher.parameters()} == {torch.float32}
 
 
-def test_v1_gradients_reach_student():
-    model = D2vMultiModel(tiny_cfg(algorithm="v1"))
-    src, pad = batch()
-    model(src, pad)["losses"]["regression"].backward()
-    missing = [n for n, p in model.named_parameters() if not n.startswith("teacher.") and p.grad is None]
-    assert not missing and model.modality_encoders["audio"].decoder is None
+def student_inputs(modality: str):
+    """A tiny model config and a batch (source, padding_mask) of each modality."""
+    if modality == "audio":
+        return {}, batch()
+    if modality == "image":
+        cfg = dict(modalities="image", image_input_size=16, image_patch_size=4, image_prenet_depth=1,
+                   image_decoder_dim=16, image_decoder_layers=1, image_decoder_groups=4, image_mask_length=2)
+        return cfg, (torch.randn(2, 3, 16, 16), None)
+    cfg = dict(modalities="text", text_vocab_size=40, text_mask_index=39, text_max_positions=16, text_dropout=0.0,
+               text_prenet_depth=1, text_decoder_dim=16, text_decoder_layers=1, text_decoder_groups=1)
+    tokens = torch.randint(4, 39, (2, 12))
+    tokens[:, 0], tokens[1, 9:] = 0, 1
+    return cfg, (tokens, None)
+
+
+@pytest.mark.parametrize("algorithm", ["v1", "v2"])
+@pytest.mark.parametrize("modality", ["audio", "image", "text"])
+def test_gradients_reach_every_student_parameter_and_never_the_teacher(modality, algorithm):
+    cfg, (src, pad) = student_inputs(modality)
+    if algorithm == "v1":
+        cfg.update(algorithm="v1", clone_batch=1, image_mask_type="beit", image_mask_length=2, text_mask_type="span",
+                   text_mask_length=2, text_mask_prob=0.3, audio_mask_type="span", audio_mask_prob=0.65,
+                   audio_mask_length=10, audio_use_alibi=False)
+    torch.manual_seed(0)
+    model = D2vMultiModel(tiny_cfg(**cfg))
+    out = model(src, pad)
+    sum(out["losses"].values()).backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in trainable if p.grad is None or p.grad.abs().sum() == 0]
+    assert trainable and not missing, f"no gradient for {missing}"
+    assert all(p.grad is None for p in model.teacher.parameters())
+    assert (model.modality_encoders[modality].decoder is None) == (algorithm == "v1")
 
 
 def test_ema_step_updates_only_teacher_with_copy_prefix():

@@ -3,6 +3,7 @@ import os
 import re
 
 import numpy as np
+import pytest
 import torch
 
 from d2v_plugin.data.multimodal import MultiModalityDataset
@@ -44,6 +45,7 @@ def test_batches_come_from_one_modality_in_ratio():
     assert batch["net_input"]["modality"] == "text" and batch["net_input"]["source"].eq(1).all()
 
 
+@pytest.mark.slow
 def test_joint_pretraining_then_fine_tuning_each_modality(corpora, asr_data, tmp_path):
     """fairseq-hydra-train config/pretrain/multi/tiny.yaml on the three sample corpora; per-modality
     losses in the log; the jointly pretrained encoder then fine-tunes on the ASR, image and text tasks."""

@@ -18,6 +18,7 @@ def logged_losses(log: str):
     return {int(u): loss for loss, u in re.findall(r"train_inner.*?loss=([\d.]+).*?num_updates=(\d+)", log)}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_exactly(speech_corpus, tmp_path):
     """SIGKILL once the first checkpoint is written (checkpoints every 4 updates), restart
     from checkpoint_last.pt: the same losses and, at the end, the same student, teacher
@@ -110,6 +111,7 @@ def modality_run(modality: str, data, tmp_path):
             "--config-name", "tiny_v2", f"task.data={data}", f"common.user_dir={user_dir()}", *small]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
 def test_two_gloo_ranks_match_update_freq_2(corpora, tmp_path, modality):
     """fairseq-hydra-train with 2 CPU processes (gloo): the teachers are checked equal across

@@ -40,6 +40,7 @@ def test_metrics_match_hand_values():
     assert spearman(xs, ys) == pytest.approx(rho) and spearman([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
 
 
+@pytest.mark.slow
 def test_prep_reports_bad_lines(text_corpus, tmp_path, capsys):
     raw = tmp_path / "raw.txt"
     good = (text_corpus / "news.txt").read_bytes().splitlines()[:20]
@@ -66,6 +67,7 @@ def test_prep_reports_bad_lines(text_corpus, tmp_path, capsys):
     assert (tmp_path / "cls" / "labels.txt").read_text() == "fresh\nrotten\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", ["tiny_v2", "tiny_v1"])
 def test_pretrain_finetune_validate_with_fairseq_binaries(text_corpus, tmp_path, config):
     data, cls = tmp_path / "data", tmp_path / "cls"

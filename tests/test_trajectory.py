@@ -238,12 +238,13 @@ def test_combined_norms_apply_left_to_right():
 
 
 def test_non_positive_loss_scale_is_refused():
+    from d2v_plugin.models.settings import model_settings
     from d2v_plugin.modules.data2vec import Data2Vec
 
     from .conftest import tiny_cfg
 
     with pytest.raises(ValueError, match="loss_scale=0.0: give a positive factor, or null"):
-        Data2Vec(tiny_cfg(loss_scale=0.0))
+        Data2Vec(model_settings(tiny_cfg(loss_scale=0.0)))
 
 
 def test_official_weight_decay_survives_mixed_precision(tmp_path):

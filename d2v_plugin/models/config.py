@@ -147,7 +147,9 @@ class TextEncoderConfig(FairseqDataclass):
     )
     text_mask_prob: float = field(default=0.48, metadata={"help": "fraction of tokens masked (v2 base 0.48, large 0.5)"})
     text_mask_length: int = field(default=1, metadata={"help": "span length (random masking: 1)"})
-    text_mask_prob_adjust: float = field(default=0.0, metadata={"help": "unused by random masking"})
+    text_mask_prob_adjust: float = field(
+        default=0.0, metadata={"help": "unused: no text mask type draws extra blocks (kept so older configs load)"}
+    )
     text_leave_unmasked_prob: float = field(
         default=0.1, metadata={"help": "v1: share of masked positions the student sees unchanged (BERT 0.1; span variant 0)"}
     )
@@ -253,10 +255,12 @@ class D2vMultiConfig(TextEncoderConfig, ImageEncoderConfig, AudioEncoderConfig):
                           "(one all-reduce of per-tensor sums) and stop with an error if not; 0 disables"},
     )
     min_target_var: float = field(
-        default=0.1, metadata={"help": "collapse check: minimum target std (mean over channels); 0 disables"}
+        default=0.1, metadata={"help": "collapse check: minimum target standard deviation (mean over channels; the "
+                                       "reference's name says var); 0 disables"}
     )
     min_pred_var: float = field(
-        default=0.01, metadata={"help": "collapse check: minimum prediction std; 0 disables"}
+        default=0.01, metadata={"help": "collapse check: minimum prediction standard deviation (mean over channels); "
+                                        "0 disables"}
     )
     collapse_check_start_update: int = field(
         default=5000, metadata={"help": "first update at which the collapse check runs (reference: 5000)"}

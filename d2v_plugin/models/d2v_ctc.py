@@ -47,7 +47,7 @@ class D2vCtcModel(FinetuneModel):
         super().__init__(cfg, encoder)
         self.pretrained_normalize = pretrained_normalize
         self.final_dropout = nn.Dropout(cfg.final_dropout)
-        self.proj = nn.Linear(encoder.cfg.embed_dim, num_outputs)
+        self.proj = nn.Linear(encoder.settings.embed_dim, num_outputs)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -59,7 +59,7 @@ class D2vCtcModel(FinetuneModel):
     def mask(self, feats: Tensor, padding_mask: Optional[Tensor], enc) -> Tensor:
         c = self.cfg
         return finetune_mask(feats, padding_mask, c.mask_prob, c.mask_length, c.mask_channel_prob, c.mask_channel_length,
-                             enc.mask_emb, self.encoder.cfg.mask_noise_std)
+                             enc.mask_emb, self.encoder.settings.mask_noise_std)
 
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, **unused) -> Dict[str, Optional[Tensor]]:
         """source: (B, L) waveform -> logits (B, T, V) over the dictionary, padding_mask (B, T) | None."""

@@ -32,7 +32,7 @@ class D2vImageClassifier(FinetuneModel):
 
     def __init__(self, cfg: D2vImageClassifierConfig, encoder: Data2Vec, num_classes: int):
         super().__init__(cfg, encoder)
-        D = encoder.cfg.embed_dim
+        D = encoder.settings.embed_dim
         self.norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)

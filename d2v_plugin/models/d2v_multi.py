@@ -6,6 +6,7 @@ from fairseq.models import BaseFairseqModel, register_model
 
 from ..modules.data2vec import Data2Vec
 from .config import D2vMultiConfig
+from .settings import model_settings
 
 
 def parse_bool(text: str) -> bool:
@@ -33,6 +34,10 @@ class D2vMultiModel(Data2Vec, BaseFairseqModel):
                 parser.add_argument("--" + f.name.replace("_", "-"), type=parse_bool, metavar="true|false",
                                     help=f"{f.metadata['help']} (default: {str(f.default).lower()})")
         gen_parser_from_dataclass(parser, D2vMultiConfig(), delete_default=True)  # skips the flags added above
+
+    def __init__(self, cfg: D2vMultiConfig):
+        super().__init__(model_settings(cfg))
+        self.cfg = cfg  # the flat fairseq config, as fairseq models keep it
 
     @classmethod
     def build_model(cls, cfg: D2vMultiConfig, task=None) -> "D2vMultiModel":

@@ -29,7 +29,7 @@ class D2vTextClassifier(FinetuneModel):
 
     def __init__(self, cfg: D2vTextClassifierConfig, encoder: Data2Vec, num_outputs: int):
         super().__init__(cfg, encoder)
-        D = encoder.cfg.embed_dim
+        D = encoder.settings.embed_dim
         self.head = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Dropout(cfg.pooler_dropout), nn.Linear(D, num_outputs))
 
     @classmethod

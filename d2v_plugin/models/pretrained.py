@@ -12,9 +12,10 @@ from fairseq.models import BaseFairseqModel
 from omegaconf import DictConfig, OmegaConf
 
 from ..fairseq_utils import set_cfg_field
-from ..modules.data2vec import Data2Vec
+from ..modules.data2vec import Data2Vec, parse_modalities
 from ..official import OFFICIAL_MODELS, convert_checkpoint
 from .config import D2vMultiConfig
+from .settings import model_settings
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
             f"{path}: model {name!r} is neither a d2v_plugin pretraining checkpoint (d2v_multi) nor an official "
             "data2vec one (data2vec_multi, data2vec_audio, data2vec_text)"
         )
-    if modality is not None and modality not in str(model_cfg.get("modalities", "audio")):
+    if modality is not None and modality not in parse_modalities(model_cfg.get("modalities", "audio")):
         raise PretrainedCheckpointError(f"{path}: the model has no {modality} encoder (modalities={model_cfg['modalities']!r})")
     task = OmegaConf.to_container(cfg.task, resolve=True) if cfg.get("task") is not None else {}
     return {"model": model_cfg, "task": task, "state": ckpt["model"], "task_state": ckpt.get("task_state") or {}}
@@ -127,7 +128,7 @@ class FinetuneModel(BaseFairseqModel):
             set_cfg_field(cfg, "pretrained_args", {"model": loaded["model"], "task": loaded["task"]})
         args = cfg.pretrained_args
         args = OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else args
-        encoder = Data2Vec(cls.encoder_config(args["model"], cfg))
+        encoder = Data2Vec(model_settings(cls.encoder_config(args["model"], cfg)))
         if loaded is not None and not cfg.random_init:
             encoder.load_state_dict(cls.adapt_state(loaded["state"], encoder), strict=True)
             logger.info("loaded pretrained weights from %s", cfg.pretrained_path)

@@ -23,6 +23,7 @@ from .encoder import ModalityEncoder
 from .feature_extractor import ConvFeatureExtractor, frame_padding_mask, parse_conv_spec
 from .masking import MaskSettings
 from .positional import ConvPositionalEncoder, alibi_bias_1d, alibi_slopes
+from .settings import Data2VecSettings
 from .transformer import ContextEncoder
 
 
@@ -40,28 +41,29 @@ def prepare_waveform(wav: Tensor, normalize: bool) -> Tensor:
 class AudioEncoder(ModalityEncoder):
     modality = "audio"
 
-    def __init__(self, cfg, algorithm: str, make_block):
-        """cfg: the model config (``audio_*`` fields, ``embed_dim``, ...);
-        make_block(i, depth) builds one prenet block."""
+    def __init__(self, s: Data2VecSettings, make_block):
+        """s: the model settings (``s.audio`` and the shared ones); make_block(i, depth)
+        builds one prenet block."""
         super().__init__()
-        D = cfg.embed_dim
-        self.spec = parse_conv_spec(cfg.audio_conv_feature_layers)
-        self.feature_extractor = ConvFeatureExtractor(self.spec, cfg.audio_extractor_mode)
+        a = s.audio
+        D = s.embed_dim
+        self.spec = parse_conv_spec(a.conv_feature_layers)
+        self.feature_extractor = ConvFeatureExtractor(self.spec, a.extractor_mode)
         self.project = nn.Sequential()
         self.project.add_module("norm", nn.LayerNorm(self.spec[-1].dim))
         self.project.add_module("linear", nn.Linear(self.spec[-1].dim, D))
-        self.feature_grad_mult = cfg.audio_feature_grad_mult
-        self.pos_conv = ConvPositionalEncoder(D, cfg.audio_conv_pos_width, cfg.audio_conv_pos_depth, cfg.audio_conv_pos_groups)
-        prenet = nn.ModuleList(make_block(i, cfg.audio_prenet_depth) for i in range(cfg.audio_prenet_depth))
-        self.context = ContextEncoder(D, cfg.norm_eps, cfg.audio_prenet_dropout, prenet, cfg.layer_norm_first)
-        self.use_alibi = cfg.audio_use_alibi
-        self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(cfg.num_heads)), persistent=False)
-        self.alibi_scale = nn.Parameter(torch.ones(cfg.num_heads)) if cfg.audio_use_alibi and cfg.audio_alibi_learned_scale else None
-        self.zero_padding, self.padding_aware = algorithm == "v1" or cfg.padding_aware, cfg.padding_aware
-        self.ema_copied = ("pos_conv",) if cfg.ema_copy_pos_conv else ()  # data2vec 1.0 copies, not averages
-        self.masking = MaskSettings.from_config(cfg, "audio")
-        self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if algorithm == "v1" else None
-        self.decoder = ConvDecoder.from_config(cfg, "audio") if algorithm == "v2" else None
+        self.feature_grad_mult = a.feature_grad_mult
+        self.pos_conv = ConvPositionalEncoder(D, a.conv_pos_width, a.conv_pos_depth, a.conv_pos_groups)
+        prenet = nn.ModuleList(make_block(i, a.prenet_depth) for i in range(a.prenet_depth))
+        self.context = ContextEncoder(D, s.norm_eps, a.prenet_dropout, prenet, s.layer_norm_first)
+        self.use_alibi = a.use_alibi
+        self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(s.num_heads)), persistent=False)
+        self.alibi_scale = nn.Parameter(torch.ones(s.num_heads)) if a.use_alibi and a.alibi_learned_scale else None
+        self.zero_padding, self.padding_aware = s.algorithm == "v1" or s.padding_aware, s.padding_aware
+        self.ema_copied = ("pos_conv",) if s.ema_copy_pos_conv else ()  # data2vec 1.0 copies, not averages
+        self.masking = MaskSettings(a.mask_type, a.mask_prob, a.mask_length, a.mask_prob_adjust, s.clone_batch)
+        self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if s.algorithm == "v1" else None
+        self.decoder = ConvDecoder.from_settings(D, a.decoder) if s.algorithm == "v2" else None
 
     # -- shared by student and teacher -------------------------------------------------
     def local_features(self, source: Tensor, padding_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:

@@ -25,6 +25,7 @@ from .encoder import ModalityEncoder
 from .image import ImageEncoder
 from .loss import CollapseMonitor, channel_std, regression_loss
 from .masking import kept_positions
+from .settings import Data2VecSettings
 from .targets import build_targets
 from .text import TextEncoder
 from .transformer import Block, attention_bias
@@ -65,35 +66,36 @@ def parse_modalities(text: str) -> Tuple[str, ...]:
 
 
 class Data2Vec(CompiledBlocksMixin, nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, settings: Data2VecSettings):
         super().__init__()
-        if cfg.algorithm not in ("v1", "v2"):
-            raise ValueError(f"algorithm={cfg.algorithm!r}: choose v1 (data2vec 1.0) or v2 (data2vec 2.0)")
-        if cfg.loss_scale is not None and cfg.loss_scale <= 0:
-            raise ValueError(f"loss_scale={cfg.loss_scale}: give a positive factor, or null for 1/sqrt(embed_dim)")
-        self.cfg = cfg
-        self.algorithm = cfg.algorithm
+        s = settings
+        if s.algorithm not in ("v1", "v2"):
+            raise ValueError(f"algorithm={s.algorithm!r}: choose v1 (data2vec 1.0) or v2 (data2vec 2.0)")
+        if s.loss_scale is not None and s.loss_scale <= 0:
+            raise ValueError(f"loss_scale={s.loss_scale}: give a positive factor, or null for 1/sqrt(embed_dim)")
+        self.settings = settings
+        self.algorithm = s.algorithm
         self.modality_encoders = nn.ModuleDict(
-            {m: ENCODERS[m](cfg, cfg.algorithm, self.make_block) for m in parse_modalities(cfg.modalities)}
+            {m: ENCODERS[m](settings, self.make_block) for m in settings.modalities}
         )
-        if not 1 <= cfg.average_top_k_layers <= cfg.depth:
-            raise ValueError(f"average_top_k_layers={cfg.average_top_k_layers}: targets average 1 to depth={cfg.depth} "
+        if not 1 <= s.average_top_k_layers <= s.depth:
+            raise ValueError(f"average_top_k_layers={s.average_top_k_layers}: targets average 1 to depth={s.depth} "
                              "of the shared blocks; lower it or raise depth")
-        self.blocks = nn.ModuleList(self.make_block(i, cfg.depth) for i in range(cfg.depth))
-        self.dropout_input = nn.Dropout(cfg.dropout_input)
-        self.final_proj = regression_head(cfg.embed_dim, cfg.head_layers) if cfg.algorithm == "v1" else None
+        self.blocks = nn.ModuleList(self.make_block(i, s.depth) for i in range(s.depth))
+        self.dropout_input = nn.Dropout(s.dropout_input)
+        self.final_proj = regression_head(s.embed_dim, s.head_layers) if s.algorithm == "v1" else None
         self.apply(init_bert_params)
         for enc in self.encoders():
             enc.reset_parameters()
         self.num_updates = 0
-        self.ema_decay = cfg.ema_decay
+        self.ema_decay = s.ema_decay
         self.ema_steps = 0
         self.collapse = CollapseMonitor(
-            cfg.min_target_var, cfg.min_pred_var, cfg.collapse_check_start_update, cfg.collapse_patience
+            s.min_target_var, s.min_pred_var, s.collapse_check_start_update, s.collapse_patience
         )
         self.teacher: Optional[EMATeacher] = None
         self.make_teacher()
-        if cfg.compile_blocks:
+        if s.compile_blocks:
             self.compile_blocks()
         self._register_state_dict_hook(_teacher_to_ema_entry)
         self._register_load_state_dict_pre_hook(_ema_entry_to_teacher, with_module=True)
@@ -102,10 +104,10 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
         return tuple(self.modality_encoders.values())
 
     def make_block(self, i: int, depth: int) -> Block:
-        cfg = self.cfg
+        s = self.settings
         return Block(
-            cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, cfg.norm_eps, cfg.encoder_dropout, cfg.attention_dropout,
-            cfg.activation_dropout, cfg.post_mlp_dropout, cfg.drop_path * i / max(1, depth - 1), cfg.layer_norm_first,
+            s.embed_dim, s.num_heads, s.mlp_ratio, s.norm_eps, s.encoder_dropout, s.attention_dropout,
+            s.activation_dropout, s.post_mlp_dropout, s.drop_path * i / max(1, depth - 1), s.layer_norm_first,
         )
 
     def make_teacher(self) -> None:
@@ -121,7 +123,7 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
 
     def ema_step(self, num_updates: int) -> None:
         """Called once after each optimizer update; ``num_updates`` counts that update."""
-        self.ema_decay = ema_decay_at(num_updates, self.cfg.ema_decay, self.cfg.ema_end_decay, self.cfg.ema_anneal_end_step)
+        self.ema_decay = ema_decay_at(num_updates, self.settings.ema_decay, self.settings.ema_end_decay, self.settings.ema_anneal_end_step)
         if self.teacher is not None and self.ema_decay < 1.0:
             self.teacher.step(self, self.ema_decay)
             self.ema_steps += 1
@@ -165,7 +167,7 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
         x = enc.context(x, bias)
         if student:
             x = self.dropout_input(x)
-        return self.run_shared_blocks(blocks, x, bias, self.cfg.layerdrop, keep_last)
+        return self.run_shared_blocks(blocks, x, bias, self.settings.layerdrop, keep_last)
 
     @torch.no_grad()
     def forward_teacher(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], source: Optional[Tensor] = None):
@@ -175,7 +177,7 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
         student_enc, teacher_enc = self.modality_encoders[modality], self.teacher.modality_encoders[modality]
         feats, padding_mask = student_enc.teacher_features(teacher_enc, feats, padding_mask, source)
         enc = student_enc.teacher_encoder(teacher_enc)
-        K, E = self.cfg.average_top_k_layers, enc.num_extra
+        K, E = self.settings.average_top_k_layers, enc.num_extra
         x = enc.add_positions(feats.detach().float(), padding_mask)
         positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
         _, layer_outputs = self.encode(enc, x, padding_mask, positions, self.teacher.blocks, keep_last=K, student=False)
@@ -185,15 +187,15 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
     def make_targets(self, layer_outputs, padding_mask: Optional[Tensor]) -> Tensor:
         """FFN outputs of the top K blocks, each (B, T, D) without extra tokens -> the
         normalised average (B, T, D) fp32 (padding excluded from statistics if padding_aware)."""
-        norm_pad = padding_mask if self.cfg.padding_aware else None
-        return build_targets(layer_outputs, self.cfg.average_top_k_layers, self.cfg.target_layer_norm,
-                             self.cfg.target_final_norm, norm_pad)
+        norm_pad = padding_mask if self.settings.padding_aware else None
+        return build_targets(layer_outputs, self.settings.average_top_k_layers, self.settings.target_layer_norm,
+                             self.settings.target_final_norm, norm_pad)
 
     def forward_student(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], mask: Tensor):
         """-> predictions at masked positions (N, D), row-major over (B * clone_batch, T), and
         the student's output at the last extra token (B * clone_batch, D) or None."""
         enc = self.modality_encoders[modality]
-        M, E = self.cfg.clone_batch, enc.num_extra
+        M, E = self.settings.clone_batch, enc.num_extra
         x = feats.repeat_interleave(M, 0) if M > 1 else feats  # (BM, T, D)
         pad = padding_mask.repeat_interleave(M, 0) if padding_mask is not None and M > 1 else padding_mask
         if mask.shape != x.shape[:2]:
@@ -217,9 +219,9 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
     def decoder_input(self, h: Tensor, keep_ids: Tensor, keep_pad: Tensor, mask: Tensor) -> Tensor:
         """Encoder output at kept positions (BM, K, D) -> full sequence (BM, T, D) with
         N(0, mask_noise_std) at masked positions."""
-        h = nn.functional.dropout(h, self.cfg.decoder_input_dropout, self.training)
+        h = nn.functional.dropout(h, self.settings.decoder_input_dropout, self.training)
         BM, T = mask.shape
-        full = h.new_empty(BM, T + 1, h.shape[-1]).normal_(0, self.cfg.mask_noise_std)
+        full = h.new_empty(BM, T + 1, h.shape[-1]).normal_(0, self.settings.mask_noise_std)
         slots = keep_ids.masked_fill(keep_pad & mask.gather(1, keep_ids), T)  # filler entries -> trash slot T
         full.scatter_(1, slots.unsqueeze(-1).expand_as(h), h)
         return full[:, :T]
@@ -229,14 +231,14 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
         """pred: (N, D); targets: (B, T, D) -> regression at the N masked positions; with
         ``cls_pred`` (BM, D) and a weight, the v2 image CLS loss against the mean target,
         scaled by N so that it is ``cls_weight`` x the per-view sum after fairseq divides by N."""
-        M = self.cfg.clone_batch
+        M = self.settings.clone_batch
         y = (targets.repeat_interleave(M, 0) if M > 1 else targets)[mask]  # (N, D)
-        loss = regression_loss(pred, y, self.cfg.loss, self.cfg.loss_beta, self.cfg.loss_scale)
+        loss = regression_loss(pred, y, self.settings.loss, self.settings.loss_beta, self.settings.loss_scale)
         losses = {"regression": loss.sum()}
         sample_size = int(mask.sum())
         if cls_pred is not None and cls_weight > 0:
             cls_target = targets.mean(1).repeat_interleave(M, 0)  # (BM, D)
-            cls = regression_loss(cls_pred, cls_target, self.cfg.loss, self.cfg.loss_beta, self.cfg.loss_scale)
+            cls = regression_loss(cls_pred, cls_target, self.settings.loss, self.settings.loss_beta, self.settings.loss_scale)
             losses["cls"] = cls.sum() * cls_weight * sample_size
         target_var, pred_var = channel_std(y), channel_std(pred)
         if self.training:

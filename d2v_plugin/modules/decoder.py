@@ -15,6 +15,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from .positional import conv_norm_gelu
+from .settings import DecoderSettings
 
 
 class ConvDecoder(nn.Module):
@@ -50,11 +51,8 @@ class ConvDecoder(nn.Module):
         self.proj = proj[0] if len(proj) == 1 else nn.Sequential(*proj)
 
     @classmethod
-    def from_config(cls, cfg, modality: str, grid: Optional[Tuple[int, int]] = None) -> "ConvDecoder":
-        """The ``{modality}_decoder_*`` settings of a model config."""
-        get = lambda name: getattr(cfg, f"{modality}_decoder_{name}")  # noqa: E731
-        return cls(cfg.embed_dim, get("dim"), get("kernel"), get("layers"), get("groups"), get("residual"),
-                   get("projection_layers"), get("projection_ratio"), grid)
+    def from_settings(cls, embed_dim: int, s: DecoderSettings, grid: Optional[Tuple[int, int]] = None) -> "ConvDecoder":
+        return cls(embed_dim, s.dim, s.kernel, s.layers, s.groups, s.residual, s.projection_layers, s.projection_ratio, grid)
 
     def forward(self, x: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, T, D) (T = h * w row-major for a grid) -> predictions (B, T, D), or only

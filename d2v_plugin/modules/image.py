@@ -21,6 +21,7 @@ from .ema import teacher_view
 from .encoder import ModalityEncoder
 from .masking import MaskSettings
 from .positional import resize_grid, sincos_2d
+from .settings import Data2VecSettings
 from .transformer import ContextEncoder
 
 
@@ -52,25 +53,26 @@ def prepare_image(image: Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Tensor
 class ImageEncoder(ModalityEncoder):
     modality = "image"
 
-    def __init__(self, cfg, algorithm: str, make_block):
+    def __init__(self, s: Data2VecSettings, make_block):
         super().__init__()
-        D = cfg.embed_dim
-        if cfg.image_input_size % cfg.image_patch_size:
-            raise ValueError(f"image_input_size={cfg.image_input_size} is not a multiple of image_patch_size={cfg.image_patch_size}")
-        side = cfg.image_input_size // cfg.image_patch_size
-        self.grid, self.input_size = (side, side), cfg.image_input_size
-        self.patch_embed = PatchEmbed(cfg.image_in_chans, D, cfg.image_patch_size)
+        img = s.image
+        D = s.embed_dim
+        if img.input_size % img.patch_size:
+            raise ValueError(f"image_input_size={img.input_size} is not a multiple of image_patch_size={img.patch_size}")
+        side = img.input_size // img.patch_size
+        self.grid, self.input_size = (side, side), img.input_size
+        self.patch_embed = PatchEmbed(img.in_chans, D, img.patch_size)
         # a frozen parameter (not a buffer) so checkpoints carry it and the teacher copies it
         self.positions = nn.Parameter(sincos_2d(D, side, side)[None], requires_grad=False)  # (1, L, D)
-        E = cfg.image_num_extra_tokens
+        E = img.num_extra_tokens
         self.extra_tokens = nn.Parameter(torch.randn(1, E, D)) if E > 0 else None
-        prenet = nn.ModuleList(make_block(i, cfg.image_prenet_depth) for i in range(cfg.image_prenet_depth))
-        self.context = ContextEncoder(D, cfg.norm_eps, cfg.image_prenet_dropout, prenet, cfg.layer_norm_first)
-        self.masking = MaskSettings.from_config(cfg, "image", self.grid)
-        self.mask_emb = nn.Parameter(torch.zeros(D).normal_(0, 0.02)) if algorithm == "v1" else None
-        self.decoder = ConvDecoder.from_config(cfg, "image", self.grid) if algorithm == "v2" else None
-        self.teacher_owns_patch_embed = cfg.image_ema_local_encoder and algorithm == "v2"  # v1 teachers share it
-        self.cls_loss_weight = cfg.image_cls_loss if algorithm == "v2" else 0.0
+        prenet = nn.ModuleList(make_block(k, img.prenet_depth) for k in range(img.prenet_depth))
+        self.context = ContextEncoder(D, s.norm_eps, img.prenet_dropout, prenet, s.layer_norm_first)
+        self.masking = MaskSettings(img.mask_type, img.mask_prob, img.mask_length, img.mask_prob_adjust, s.clone_batch, self.grid)
+        self.mask_emb = nn.Parameter(torch.zeros(D).normal_(0, 0.02)) if s.algorithm == "v1" else None
+        self.decoder = ConvDecoder.from_settings(D, img.decoder, self.grid) if s.algorithm == "v2" else None
+        self.teacher_owns_patch_embed = img.ema_local_encoder and s.algorithm == "v2"  # v1 teachers share it
+        self.cls_loss_weight = img.cls_loss if s.algorithm == "v2" else 0.0
 
     # -- shared by student and teacher -------------------------------------------------
     def local_features(self, source: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, None]:

@@ -205,12 +205,6 @@ class MaskSettings:
         self.kind, self.prob, self.length, self.adjust, self.clone_batch = kind, prob, length, adjust, clone_batch
         self.grid, self.keep_ends = grid, keep_ends
 
-    @classmethod
-    def from_config(cls, cfg, modality: str, grid: Optional[Tuple[int, int]] = None) -> "MaskSettings":
-        get = lambda name: getattr(cfg, f"{modality}_{name}")  # noqa: E731
-        return cls(get("mask_type"), get("mask_prob"), get("mask_length"), get("mask_prob_adjust"), cfg.clone_batch, grid,
-                   keep_ends=modality == "text")
-
     def __call__(self, lengths: Tensor, num_frames: int, generator: Optional[torch.Generator] = None) -> Tensor:
         """lengths: (B,) valid positions per sample -> (B * clone_batch, num_frames) bool;
         row b * clone_batch + c is view c of sample b."""

@@ -25,6 +25,7 @@ from .decoder import ConvDecoder
 from .ema import teacher_view
 from .encoder import ModalityEncoder
 from .masking import MaskSettings
+from .settings import Data2VecSettings
 from .transformer import ContextEncoder
 
 
@@ -36,35 +37,38 @@ def prepare_tokens(ids: Tensor, bos: int, max_positions: int) -> Tensor:
 class TextEncoder(ModalityEncoder):
     modality = "text"
 
-    def __init__(self, cfg, algorithm: str, make_block):
+    def __init__(self, s: Data2VecSettings, make_block):
         super().__init__()
-        D = cfg.embed_dim
-        if cfg.text_vocab_size <= 0:
+        t = s.text
+        D = s.embed_dim
+        if t.vocab_size <= 0:
             raise ValueError("text_vocab_size is 0: build the model through a text task (it sets the dictionary size)")
-        if algorithm == "v1" and not 0 <= cfg.text_mask_index < cfg.text_vocab_size:
-            raise ValueError(f"text_mask_index={cfg.text_mask_index}: data2vec 1.0 text needs the id of <mask>; "
+        if s.algorithm == "v1" and not 0 <= t.mask_index < t.vocab_size:
+            raise ValueError(f"text_mask_index={t.mask_index}: data2vec 1.0 text needs the id of <mask>; "
                              "build the model through a text task (it sets it from the dictionary)")
-        if algorithm == "v1" and cfg.clone_batch != 1:
-            raise ValueError(f"clone_batch={cfg.clone_batch}: data2vec 1.0 text reads one masked view per sample; set 1")
-        self.pad, self.mask_index = cfg.text_pad_index, cfg.text_mask_index
-        self.leave_unmasked_prob, self.random_token_prob = cfg.text_leave_unmasked_prob, cfg.text_random_token_prob
+        if s.algorithm == "v1" and s.clone_batch != 1:
+            raise ValueError(f"clone_batch={s.clone_batch}: data2vec 1.0 text reads one masked view per sample; set 1")
+        self.pad, self.mask_index = t.pad_index, t.mask_index
+        self.leave_unmasked_prob, self.random_token_prob = t.leave_unmasked_prob, t.random_token_prob
         if self.leave_unmasked_prob + self.random_token_prob > 1:
             raise ValueError("text_leave_unmasked_prob + text_random_token_prob must not exceed 1")
-        self.max_positions = cfg.text_max_positions
-        self.embed_tokens = nn.Embedding(cfg.text_vocab_size, D, padding_idx=self.pad)
-        self.embed_positions = nn.Embedding(cfg.text_max_positions + self.pad + 1, D, padding_idx=self.pad)
+        self.max_positions = t.max_positions
+        self.embed_tokens = nn.Embedding(t.vocab_size, D, padding_idx=self.pad)
+        self.embed_positions = nn.Embedding(t.max_positions + self.pad + 1, D, padding_idx=self.pad)
         self.layernorm_embedding = nn.LayerNorm(D, eps=1e-5)
-        self.dropout = nn.Dropout(cfg.text_dropout)
-        prenet = nn.ModuleList(make_block(i, cfg.text_prenet_depth) for i in range(cfg.text_prenet_depth))
-        self.context = ContextEncoder(D, cfg.norm_eps, cfg.text_prenet_dropout, prenet,
-                                      cfg.layer_norm_first or cfg.text_prenet_depth == 0)
-        self.masking = MaskSettings.from_config(cfg, "text")
-        self.decoder = ConvDecoder.from_config(cfg, "text") if algorithm == "v2" else None
-        self.teacher_blocks_only = algorithm == "v2" and cfg.text_ema_encoder_only
-        # v1: the student reads corrupted ids; the teacher embeds the clean ones with copies of
-        # the student's embeddings; padded embeddings are zeros (fairseq's TransformerEncoder)
-        self.corrupts_tokens = self.zero_padding = algorithm == "v1"
-        self.ema_copied = ("embed_tokens", "embed_positions", "layernorm_embedding") if algorithm == "v1" else ()
+        self.dropout = nn.Dropout(t.dropout)
+        prenet = nn.ModuleList(make_block(i, t.prenet_depth) for i in range(t.prenet_depth))
+        self.context = ContextEncoder(D, s.norm_eps, t.prenet_dropout, prenet,
+                                      s.layer_norm_first or t.prenet_depth == 0)
+        self.masking = MaskSettings(t.mask_type, t.mask_prob, t.mask_length, 0.0, s.clone_batch,
+                                    keep_ends=True)  # <s> and </s> stay visible
+        self.decoder = ConvDecoder.from_settings(D, t.decoder) if s.algorithm == "v2" else None
+        self.teacher_blocks_only = s.algorithm == "v2" and t.ema_encoder_only
+        # v1: the student reads corrupted ids, the teacher embeds the clean ones with copies of
+        # the student's embeddings
+        self.corrupts_tokens = s.algorithm == "v1"
+        self.zero_padding = s.algorithm == "v1"  # padded embeddings are zeros, as fairseq's TransformerEncoder
+        self.ema_copied = ("embed_tokens", "embed_positions", "layernorm_embedding") if s.algorithm == "v1" else ()
 
     def local_features(self, source: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """source: (B, T) token ids -> (B, T, D), padding (B, T) | None (True = padding)."""

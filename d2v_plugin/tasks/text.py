@@ -148,7 +148,7 @@ class D2vTextClassificationTask(FinetuneTaskMixin, TokenTask):
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
-        vocab = unwrap(model).encoder.cfg.text_vocab_size
+        vocab = unwrap(model).encoder.settings.text.vocab_size
         if vocab != len(self.dictionary):
             raise ValueError(f"the pretrained model has {vocab} tokens but {self.cfg.data}/dict.txt gives {len(self.dictionary)}; "
                              "prepare the classification data with the pretraining data's dictionary (--text-data)")
