@@ -96,5 +96,5 @@ class AudioEncoder(ModalityEncoder):
         return teacher_view(self, ("feature_extractor", "project", "decoder"), ("mask_emb",))
 
     def reset_parameters(self) -> None:
+        self.project.linear.reset_parameters()  # PyTorch's default init, as the reference (before the decoder's)
         super().reset_parameters()
-        self.project.linear.reset_parameters()  # PyTorch's default init, as the reference
