@@ -68,7 +68,7 @@ def plugin_cfg(r, data: Path):
     add_defaults(cfg)
     cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
     OmegaConf.set_struct(cfg, True)
-    return cfg, symbols
+    return cfg
 
 
 def plugin_input(r, batch):
@@ -86,7 +86,7 @@ def replay(r, data: Path):
     """-> (per-update records, final plugin state dict, model, trainer)."""
     from fairseq import tasks
 
-    cfg, _ = plugin_cfg(r, data)
+    cfg = plugin_cfg(r, data)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     model.load_state_dict(convert_state_dict(r["initial"], r["family"]))
@@ -254,7 +254,7 @@ def test_official_weight_decay_survives_mixed_precision(tmp_path):
     from fairseq import optim, tasks
 
     r = torch.load(GOLDEN_DIR / "traj_v2_image.pt", weights_only=True)
-    cfg, _ = plugin_cfg(r, tmp_path)
+    cfg = plugin_cfg(r, tmp_path)
     with open_dict(cfg):
         cfg.common.bf16 = True
     task = tasks.setup_task(cfg.task)
