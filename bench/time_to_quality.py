@@ -32,6 +32,8 @@ sys.path.insert(0, HERE)
 from plot import line_chart  # noqa: E402
 from pretrain import model_config  # noqa: E402
 
+from d2v_plugin.probe import linear_probe  # noqa: E402
+
 
 def make_images(work: str, n: int, labelled: int) -> str:
     images, lists = f"{work}/images", f"{work}/images/lists"
@@ -121,26 +123,6 @@ def features(model, ds, batch: int = 256):
         xs.append(x.mean(1))
         ys.append(b["target"])
     return torch.cat(xs), torch.cat(ys)
-
-
-def linear_probe(xtr, ytr, xte, yte, l2: float = 1e-3) -> float:
-    """Logistic regression on standardised features (full-batch L-BFGS) -> test accuracy %."""
-    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-    xtr, xte = (xtr - mu) / sd, (xte - mu) / sd
-    C = int(ytr.max()) + 1
-    W = torch.zeros(xtr.shape[1], C, dtype=torch.float64, requires_grad=True)
-    b = torch.zeros(C, dtype=torch.float64, requires_grad=True)
-    xtr, xte = xtr.double(), xte.double()
-    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=300, line_search_fn="strong_wolfe")
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.cross_entropy(xtr @ W + b, ytr) + l2 * W.pow(2).sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    return 100.0 * float(((xte @ W + b).argmax(1) == yte).double().mean())
 
 
 def main():

@@ -1,5 +1,5 @@
 """``python -m d2v_plugin.convert --from-fairseq IN.pt --out OUT.pt``: an official fairseq data2vec
-checkpoint (data2vec_multi, data2vec_audio, data2vec_text) as a d2v_plugin checkpoint. The
+checkpoint (data2vec_multi, data2vec_audio, data2vec_text) or a fairseq RoBERTa one as a d2v_plugin checkpoint. The
 mapping itself is ``d2v_plugin.official``."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ def main(argv=None) -> None:
     import argparse
 
     ap = argparse.ArgumentParser(description="Convert an official fairseq data2vec checkpoint (data2vec_multi, "
-                                             "data2vec_audio, data2vec_text) into a d2v_plugin checkpoint.")
+                                             "data2vec_audio, data2vec_text) or a fairseq RoBERTa checkpoint into a d2v_plugin checkpoint.")
     ap.add_argument("--from-fairseq", required=True, metavar="IN.pt", help="the official checkpoint")
     ap.add_argument("--out", required=True, metavar="OUT.pt", help="where to write the d2v_plugin checkpoint")
     ap.add_argument("--dict", default="", help="text: the dict.txt the model was trained with (kept in the checkpoint)")

@@ -1,11 +1,16 @@
 """Official fairseq data2vec weights, configs and training recipes, mapped onto ``d2v_multi``.
 
 Families: ``data2vec2`` (``data2vec_multi``, speech, images or text), ``data2vec1_audio``
-(``data2vec_audio``) and ``data2vec1_text`` (``data2vec_text``). The converted config sets ``padding_aware=false`` so a converted
-model computes exactly what the official code computes.
+(``data2vec_audio``), ``data2vec1_text`` (``data2vec_text``) and ``roberta`` (fairseq's own
+RoBERTa masked LM, the same post-LN encoder as data2vec 1.0 text: its encoder converts to a
+``d2v_multi`` v1 text model whose regression head is freshly initialised, so RoBERTa can be
+fine-tuned, probed and extracted exactly like a data2vec model; its LM head is dropped).
+The converted config sets ``padding_aware=false`` so a converted model computes exactly
+what the official code computes.
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 from typing import Dict, List, Tuple
@@ -75,8 +80,10 @@ V1_TEXT_RULES: Rules = _fairseq_layer_rules("encoder.sentence_encoder.") + [
     (r"^encoder\.regression_head\.", "final_proj."),
 ]
 
-FAMILIES = ("data2vec2", "data2vec1_audio", "data2vec1_text")
-IGNORED = re.compile(r"(^|\.)version$|^_ema$|^encoder\._ema$")
+ROBERTA_RULES: Rules = V1_TEXT_RULES[:-1]
+
+FAMILIES = ("data2vec2", "data2vec1_audio", "data2vec1_text", "roberta")
+IGNORED = re.compile(r"(^|\.)version$|^_ema$|^encoder\._ema$|^encoder\.lm_head\.")
 
 
 def _rename(key: str, rules: Rules) -> str:
@@ -115,6 +122,8 @@ def convert_state_dict(sd: Dict, family: str) -> Dict:
         rules, ema_prefix = V1_AUDIO_RULES, "encoder."  # v1 teacher keys are relative to the encoder
     elif family == "data2vec1_text":
         rules, ema_prefix = V1_TEXT_RULES, "encoder.sentence_encoder."
+    elif family == "roberta":
+        rules, ema_prefix = ROBERTA_RULES, ""
     else:
         raise ValueError(f"unsupported checkpoint family {family!r} (supported: {', '.join(FAMILIES)})")
     out = _convert(sd, rules)
@@ -168,6 +177,8 @@ def convert_config(c: Dict, family: str, vocab_size: int = 0) -> Dict:
         return _v1_audio_config(c)
     if family == "data2vec1_text":
         return _v1_text_config(c, vocab_size)
+    if family == "roberta":
+        return _roberta_config(c, vocab_size)
     raise ValueError(f"unsupported config family {family!r}")
 
 
@@ -324,6 +335,49 @@ def _v1_text_config(c: Dict, vocab_size: int) -> Dict:
     )
 
 
+def _roberta_config(c: Dict, vocab_size: int) -> Dict:
+    """fairseq ``roberta`` (argparse-style flat config): the encoder as data2vec 1.0 text; the
+    pretraining settings (targets, loss, EMA, masking) are the official data2vec 1.0 text base
+    recipe, for whoever continues with data2vec pretraining from RoBERTa weights."""
+    if (c.get("encoder_normalize_before") or not c.get("encoder_learned_pos", True) or not c.get("no_scale_embedding", True)
+            or not c.get("layernorm_embedding", True) or c.get("activation_fn", "gelu") != "gelu"):
+        raise ValueError("RoBERTa checkpoints need post-LN layers, learned positions, no embedding scaling, the "
+                         "embedding LayerNorm and GELU (fairseq's roberta architectures)")
+    if vocab_size <= 0:
+        raise ValueError("converting a text model needs the dictionary size (vocab_size)")
+    depth = int(c["encoder_layers"])
+    dropout = float(c.get("dropout", 0.1))
+    return dict(
+        algorithm="v1", modalities="text", depth=depth, embed_dim=c["encoder_embed_dim"],
+        num_heads=c["encoder_attention_heads"], mlp_ratio=c["encoder_ffn_embed_dim"] / c["encoder_embed_dim"],
+        norm_eps=1e-5, layer_norm_first=False, encoder_dropout=dropout,
+        attention_dropout=float(c.get("attention_dropout", 0.1)), activation_dropout=float(c.get("activation_dropout", 0.0)),
+        post_mlp_dropout=dropout, dropout_input=0.0, layerdrop=float(c.get("encoder_layerdrop", 0.0)), clone_batch=1,
+        average_top_k_layers=min(10, depth), target_layer_norm="layer", target_final_norm="none", padding_aware=False,
+        ema_decay=0.999, ema_end_decay=0.9999, ema_anneal_end_step=300000, head_layers=2,
+        min_target_var=0.1, min_pred_var=0.01, text_vocab_size=vocab_size, text_mask_index=vocab_size - 1,
+        text_max_positions=int(c.get("max_positions", c.get("tokens_per_sample", 512))), text_dropout=dropout,
+        text_prenet_depth=0, text_mask_type="span", text_mask_prob=0.35, text_mask_length=4,
+        text_leave_unmasked_prob=0.0, text_random_token_prob=0.0, loss="smooth_l1", loss_beta=4.0, loss_scale=1.0,
+    )
+
+
+def _fresh_pretraining_weights(cfg: Dict, state: Dict) -> Dict:
+    """The weights a d2v_multi model of ``cfg`` has but ``state`` lacks (RoBERTa: the
+    regression head), freshly initialised (seed 0), so the checkpoint is a complete model."""
+    from .models.config import D2vMultiConfig
+    from .models.settings import model_settings
+    from .modules.data2vec import Data2Vec
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        fresh = Data2Vec(model_settings(D2vMultiConfig(**cfg))).state_dict()
+    missing = [k for k in fresh if k not in state and k != "_ema"]
+    if missing:
+        logger.info("freshly initialised (not in the checkpoint): %s", ", ".join(missing))
+    return {**state, **{k: fresh[k] for k in missing}}
+
+
 def convert_training(training: Dict) -> Dict:
     """Official ``optimization`` / ``optimizer`` / ``lr_scheduler`` sections (plain dicts) -> the
     same training for d2v_plugin: fairseq's ``adam`` and the official scheduler, no ``composite``.
@@ -351,7 +405,18 @@ def convert_training(training: Dict) -> Dict:
     return {"optimization": optim, "optimizer": opt, "lr_scheduler": sched}
 
 
-OFFICIAL_MODELS = {"data2vec_multi": "data2vec2", "data2vec_audio": "data2vec1_audio", "data2vec_text": "data2vec1_text"}
+OFFICIAL_MODELS = {"data2vec_multi": "data2vec2", "data2vec_audio": "data2vec1_audio", "data2vec_text": "data2vec1_text",
+                   "roberta": "roberta"}
+
+
+def model_name(cfg) -> str:
+    """``cfg.model._name`` of a fairseq checkpoint config whose model section is a dict,
+    an OmegaConf node or an argparse Namespace (fairseq's argparse-registered models such
+    as RoBERTa); RoBERTa's size variants (``roberta_base``, ...) are ``roberta``."""
+    model = (cfg or {}).get("model") if hasattr(cfg, "get") else None
+    model = vars(model) if isinstance(model, argparse.Namespace) else (model or {})
+    name = model.get("_name")
+    return "roberta" if isinstance(name, str) and name.startswith("roberta") else name
 _EMBED_KEYS = ("modality_encoders.TEXT.local_encoder.embed_tokens.weight", "encoder.sentence_encoder.embed_tokens.weight")
 
 
@@ -369,10 +434,12 @@ def official_parts(ckpt: Dict) -> Tuple[Dict, str, Dict, Dict]:
                 cfg = OmegaConf.to_container(cfg, resolve=False)
         else:
             cfg = dict(cfg)
-        model_cfg = dict(cfg.get("model") or {})
-        family = OFFICIAL_MODELS.get(model_cfg.get("_name"))
+        model = cfg.get("model")
+        model_cfg = dict(vars(model) if isinstance(model, argparse.Namespace) else (model or {}))
+        family = OFFICIAL_MODELS.get(model_name(cfg))
         if family is None:
-            raise ValueError(f"model {model_cfg.get('_name')!r} is not an official data2vec model ({', '.join(OFFICIAL_MODELS)})")
+            raise ValueError(f"model {model_cfg.get('_name')!r} is not an official data2vec model or RoBERTa "
+                             f"({', '.join(OFFICIAL_MODELS)})")
         return model_cfg, family, ckpt["model"], dict(cfg.get("task") or {})
     if ckpt.get("args") is not None:
         raise ValueError("checkpoints with an argparse `args` config (fairseq < 0.10) are not supported; re-save with fairseq 0.12")
@@ -395,9 +462,12 @@ def convert_checkpoint(ckpt: Dict, dictionary: bytes = b"", spm_model: bytes = b
         task["input_size"] = cfg["image_input_size"]
     as_bytes = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else None  # noqa: E731
     updates = (ckpt.get("optimizer_history") or [{}])[-1].get("num_updates", 0)
+    state = convert_state_dict(sd, family)
+    if family == "roberta":
+        state = _fresh_pretraining_weights(cfg, state)
     return {
         "cfg": {"model": {"_name": "d2v_multi", **cfg}, "task": task, "converted_from": family},
-        "model": convert_state_dict(sd, family),
+        "model": state,
         "optimizer_history": [{"criterion_name": "D2vCriterion", "optimizer_name": "converted", "lr_scheduler_state": {},
                                "num_updates": updates}],
         "task_state": {"dictionary": as_bytes(dictionary), "spm_model": as_bytes(spm_model)},

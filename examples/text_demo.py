@@ -19,6 +19,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from demo_common import PY, compare, curve_text, fairseq_validate, finetune_runs, loss_fell, pretrain, sh  # noqa: E402
 
 
+def build_data(work: str, labelled: int, articles: int = 0, no_reviews: bool = False):
+    """Sample text, sentencepiece + fairseq-preprocess, and the labelled sentiment splits
+    (built once, reused) -> (pretraining data folder, classification data folder)."""
+    raw, data, cls = f"{work}/text", f"{work}/text/data", f"{work}/text/cls"
+    if not os.path.isfile(f"{raw}/news.txt"):
+        sh([PY, "-m", "d2v_plugin.samples", "text", "--out", raw, "--n", str(articles)])
+    corpus = f"{raw}/news.txt" if no_reviews else f"{raw}/pretrain.txt"
+    if not no_reviews:
+        with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
+            reviews = [line.split("\t")[0] + "\n" for line in f]
+        with open(f"{raw}/news.txt", encoding="utf-8") as f, open(corpus, "w", encoding="utf-8") as out:
+            out.writelines(list(f) + reviews)
+        data = f"{raw}/data_news_reviews"
+    if not os.path.isfile(f"{data}/train.bin"):
+        sh([PY, "-m", "d2v_plugin.prep.text", corpus, "--dest", data, "--vocab-size", "8000", "--valid-percent", "0.02"])
+    with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
+        rows = f.readlines()
+    with open(f"{raw}/sentiment/train_labelled.tsv", "w", encoding="utf-8") as f:
+        f.writelines(rows[:: max(1, len(rows) // labelled)][:labelled])
+    sh([PY, "-m", "d2v_plugin.prep.text_classification", "--train", f"{raw}/sentiment/train_labelled.tsv", "--valid",
+        f"{raw}/sentiment/valid.tsv", "--test", f"{raw}/sentiment/test.tsv", "--text-data", data, "--dest", cls])
+    return data, cls
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="data/demo", help="working folder")
@@ -31,24 +55,7 @@ def main():
     ap.add_argument("--seed", type=int, default=1, help="seed of training")
     a = ap.parse_args()
     work = os.path.abspath(a.work)
-    raw, data, cls = f"{work}/text", f"{work}/text/data", f"{work}/text/cls"
-    if not os.path.isfile(f"{raw}/news.txt"):
-        sh([PY, "-m", "d2v_plugin.samples", "text", "--out", raw, "--n", str(a.articles)])
-    corpus = f"{raw}/news.txt" if a.no_reviews else f"{raw}/pretrain.txt"
-    if not a.no_reviews:
-        with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
-            reviews = [line.split("\t")[0] + "\n" for line in f]
-        with open(f"{raw}/news.txt", encoding="utf-8") as f, open(corpus, "w", encoding="utf-8") as out:
-            out.writelines(list(f) + reviews)
-        data = f"{raw}/data_news_reviews"
-    if not os.path.isfile(f"{data}/train.bin"):
-        sh([PY, "-m", "d2v_plugin.prep.text", corpus, "--dest", data, "--vocab-size", "8000", "--valid-percent", "0.02"])
-    with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
-        rows = f.readlines()
-    with open(f"{raw}/sentiment/train_labelled.tsv", "w", encoding="utf-8") as f:
-        f.writelines(rows[:: max(1, len(rows) // a.labelled)][: a.labelled])
-    sh([PY, "-m", "d2v_plugin.prep.text_classification", "--train", f"{raw}/sentiment/train_labelled.tsv", "--valid",
-        f"{raw}/sentiment/valid.tsv", "--test", f"{raw}/sentiment/test.tsv", "--text-data", data, "--dest", cls])
+    data, cls = build_data(work, a.labelled, a.articles, a.no_reviews)
 
     pretrained, pt_min, curve = pretrain(work, "text", "config/pretrain/text", data, a.seed, a.updates, a.config)
 

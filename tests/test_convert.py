@@ -110,3 +110,41 @@ def test_converted_official_text_checkpoint_fine_tunes(tmp_path):
                f"common.user_dir={user_dir()}", f"checkpoint.save_dir={tmp_path / 'ft'}", f"hydra.run.dir={tmp_path / 'h'}",
                "optimization.max_update=2", "dataset.num_workers=0", "dataset.batch_size=8", "task.max_positions=64"])
     assert "done training" in log and "| top1 " in log
+
+
+def test_fairseq_roberta_converts_to_the_same_encoder(tmp_path, capsys):
+    """fairseq's own RoBERTa (the text pretraining control): a checkpoint as fairseq-train saves
+    it (argparse Namespace model config) converts to a d2v_multi v1 text model whose features
+    equal fairseq's ``extract_features`` in eval mode; the LM head is dropped and the
+    regression head is fresh, so the checkpoint fine-tunes and extracts like any other."""
+    from argparse import Namespace
+
+    from fairseq.data import Dictionary
+    from fairseq.models.roberta import RobertaModel, base_architecture
+
+    d = Dictionary()
+    for i in range(40):
+        d.add_symbol(f"w{i}")
+    d.add_symbol("<mask>")
+    args = Namespace(arch="roberta", _name="roberta", encoder_layers=2, encoder_embed_dim=32, encoder_ffn_embed_dim=64,
+                     encoder_attention_heads=4, max_positions=24, tokens_per_sample=24, dropout=0.1, attention_dropout=0.1)
+    base_architecture(args)
+    torch.manual_seed(0)
+    task = type("T", (), {"source_dictionary": d, "dictionary": d})()
+    model = RobertaModel.build_model(args, task).eval()
+    for p in model.parameters():  # break LayerNorm's ones/zeros so a swapped weight would show
+        p.data.add_(0.02 * torch.randn_like(p))
+    torch.save({"cfg": {"model": args, "task": {"_name": "masked_lm", "data": "/gone"}}, "model": model.state_dict(),
+                "optimizer_history": [{"num_updates": 7}]}, tmp_path / "roberta.pt")
+    convert_main(["--from-fairseq", str(tmp_path / "roberta.pt"), "--out", str(tmp_path / "conv.pt")])
+    assert "roberta -> d2v_multi (text, v1), without its teacher" in capsys.readouterr().out
+    tokens = torch.tensor([[0, 5, 9, 17, 30, 2, 1, 1], [0, 11, 12, 13, 14, 15, 16, 2]])
+    with torch.no_grad():
+        expected = model.encoder.extract_features(tokens)[0]  # (B, T, D)
+        ex = d2v_plugin.load(str(tmp_path / "conv.pt"))
+        x = ex.model.extract_features(tokens, tokens.eq(1), modality="text")["x"]
+    real = tokens.ne(1)
+    assert (x - expected)[real].abs().max() <= 1e-5
+    saved = torch.load(tmp_path / "conv.pt", weights_only=True)
+    assert not any("lm_head" in k for k in saved["model"]) and "final_proj.0.weight" in saved["model"]
+    assert saved["optimizer_history"][-1]["num_updates"] == 7

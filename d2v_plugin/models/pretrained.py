@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..fairseq_utils import set_cfg_field
 from ..modules.data2vec import Data2Vec, parse_modalities
-from ..official import OFFICIAL_MODELS, convert_checkpoint
+from ..official import OFFICIAL_MODELS, convert_checkpoint, model_name
 from .config import D2vMultiConfig
 from .settings import model_settings
 
@@ -61,8 +61,8 @@ def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
     except FileNotFoundError as e:
         raise PretrainedCheckpointError(f"model.pretrained_path={path!r}: file not found") from e
     cfg = ckpt.get("cfg")
-    if cfg is not None and (cfg.get("model") or {}).get("_name") in OFFICIAL_MODELS:
-        logger.info("%s: an official %s checkpoint, converted on load", path, cfg["model"]["_name"])
+    if model_name(cfg) in OFFICIAL_MODELS:
+        logger.info("%s: an official %s checkpoint, converted on load", path, model_name(cfg))
         ckpt = convert_checkpoint(ckpt)
         cfg = ckpt["cfg"]
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
@@ -71,7 +71,7 @@ def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
     if name != "d2v_multi":
         raise PretrainedCheckpointError(
             f"{path}: model {name!r} is neither a d2v_plugin pretraining checkpoint (d2v_multi) nor an official "
-            "data2vec one (data2vec_multi, data2vec_audio, data2vec_text)"
+            "data2vec one (data2vec_multi, data2vec_audio, data2vec_text) nor fairseq RoBERTa"
         )
     if modality is not None and modality not in parse_modalities(model_cfg.get("modalities", "audio")):
         raise PretrainedCheckpointError(f"{path}: the model has no {modality} encoder (modalities={model_cfg['modalities']!r})")

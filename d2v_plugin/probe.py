@@ -1,0 +1,27 @@
+"""A frozen-encoder linear probe: logistic regression on standardised features, the score
+that compares pretrained encoders without fine-tuning them (bench/time_to_quality.py,
+examples/text_controls.py)."""
+from __future__ import annotations
+
+import torch
+
+
+def linear_probe(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: torch.Tensor, l2: float = 1e-3) -> float:
+    """xtr (N, D), ytr (N,) class ids; xte, yte the same for the scored split -> accuracy %.
+    Full-batch L-BFGS in float64 on features standardised with the training split's statistics."""
+    mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
+    xtr, xte = ((xtr - mu) / sd).double(), ((xte - mu) / sd).double()
+    C = int(ytr.max()) + 1
+    W = torch.zeros(xtr.shape[1], C, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(C, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([W, b], lr=1, max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(xtr @ W + b, ytr) + l2 * W.pow(2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    with torch.no_grad():
+        return 100.0 * float(((xte @ W + b).argmax(1) == yte).double().mean())
