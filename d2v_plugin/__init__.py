@@ -10,7 +10,6 @@ import logging
 
 from . import checkpoints  # noqa: F401  (allow-lists checkpoint globals)
 from .criterions import classification, ctc, d2v  # noqa: F401
-from .extract import load  # noqa: F401  (d2v_plugin.load(path).extract(inputs))
 from .models import d2v_ctc, d2v_image_classifier, d2v_multi, d2v_text_classifier  # noqa: F401
 from .tasks import asr_finetuning, audio_pretraining, image, multimodal, text  # noqa: F401
 
@@ -19,3 +18,11 @@ from .tasks import asr_finetuning, audio_pretraining, image, multimodal, text  #
 logging.getLogger("PIL").setLevel(logging.INFO)
 
 __version__ = "0.1.0"
+
+
+def load(path: str, modality=None):
+    """``d2v_plugin.load(path).extract(inputs)``: see :func:`d2v_plugin.extract.load` (imported
+    on first use, so ``python -m d2v_plugin.extract`` does not run a module already imported)."""
+    from .extract import load as _load
+
+    return _load(path, modality)

@@ -62,3 +62,48 @@ def _make_checkpoint_copies_atomic() -> None:
 
 
 _make_checkpoint_copies_atomic()
+
+
+class CheckpointError(ValueError):
+    """A file that cannot be read as the checkpoint a command needs."""
+
+
+def describe_unreadable(path: str, error: BaseException) -> str:
+    """What a file that torch could not load is, in one line (empty, truncated, not a checkpoint)."""
+    import zipfile
+
+    size = os.path.getsize(path)
+    if size == 0:
+        return f"{path} is empty (0 bytes)"
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head[:2] == b"PK":  # torch's zip format
+        if not zipfile.is_zipfile(path):
+            return (f"{path} is truncated or corrupted ({size:,} bytes of a zip archive whose end is missing; "
+                    "a copy or save was cut short): copy it again or use another checkpoint")
+        return f"{path} is a zip archive that torch cannot read as a checkpoint ({str(error).splitlines()[0]})"
+    if head[:1] == b"\x80":  # a plain pickle (torch's legacy format)
+        return f"{path} is an unreadable or truncated pickle ({size:,} bytes: {str(error).splitlines()[0]})"
+    text = head.decode("utf-8", "replace").split("\n")[0]
+    return f"{path} is not a PyTorch checkpoint (it starts with {text!r})"
+
+
+def load_checkpoint(path: str, need: str) -> dict:
+    """fairseq's ``load_checkpoint_to_cpu`` with one-line errors: ``need`` says what the
+    command expects (e.g. "a d2v_plugin pretraining checkpoint (checkpoint_last.pt)")."""
+    from fairseq import checkpoint_utils
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: file not found; {need} is needed")
+    try:
+        ckpt = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, KeyError, ... for bad files
+        glob = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line), "")
+        if "Weights only load failed" in str(e) and glob and os.path.getsize(path) and open(path, "rb").read(2) in (b"PK", b"\x80\x02"):
+            raise CheckpointError(f"{path} holds Python objects that a fairseq checkpoint does not ({glob[:160]}); "
+                                  f"{need} is needed") from None
+        raise CheckpointError(f"{describe_unreadable(path, e)}; {need} is needed") from None
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        kind = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"a dict with keys {sorted(ckpt)[:6]}"
+        raise CheckpointError(f"{path} is a torch file but not a fairseq checkpoint ({kind}, no 'model' entry); {need} is needed")
+    return ckpt

@@ -21,10 +21,12 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     from . import checkpoints  # noqa: F401  (safe-loader allow-list)
 
+    from .checkpoints import CheckpointError, load_checkpoint
+
     try:
-        ckpt = torch.load(a.from_fairseq, map_location="cpu", weights_only=True)
-    except Exception as e:  # the safe loader names the global it refused
-        raise SystemExit(f"error: {a.from_fairseq}: cannot load it with torch's safe loader: {e}")
+        ckpt = load_checkpoint(a.from_fairseq, "an official data2vec or fairseq RoBERTa checkpoint")
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}")
     read = lambda p: open(p, "rb").read() if p else b""  # noqa: E731
     try:
         out = convert_checkpoint(ckpt, read(a.dict), read(a.spm))

@@ -125,6 +125,34 @@ def rejected_by_prep(tmp_path, name) -> str:
     return rejected[str(tmp_path / name)]
 
 
+def test_audio_truncated_wav_header_and_data_disagree(tmp_path):
+    """libsndfile reads a wav cut short of its header's data size without complaint."""
+    sf.write(str(tmp_path / "full.wav"), np.zeros(16000, dtype="float32"), 16000, subtype="PCM_16")
+    data = (tmp_path / "full.wav").read_bytes()
+    (tmp_path / "cut.wav").write_bytes(data[: len(data) // 2])
+    assert sf.info(str(tmp_path / "cut.wav")).frames < 16000  # what the old check trusted
+    assert "truncated: the header's data chunk says 16000 frames declared, 7989 present" in rejected_by_prep(tmp_path, "cut.wav")
+    with pytest.raises(AudioDataError, match=r"cut\.wav \(.*line 2\): truncated: .*re-copy or re-encode"):
+        first_item(tmp_path, "cut.wav", 7989)
+    assert load_audio(str(tmp_path / "full.wav"), 16000, "here").shape == (16000,)
+
+
+def test_audio_long_file_is_cropped_not_dropped(tmp_path, caplog):
+    """A 60 s file in a pretraining manifest: fairseq's size filter compared the whole file
+    with max_positions (= max_tokens) and dropped it; pretraining crops it instead."""
+    wav(tmp_path / "long.wav", 16000 * 60)
+    wav(tmp_path / "short.wav", 32000)
+    ds = AudioPretrainDataset(manifest(tmp_path, [("long.wav", 16000 * 60), ("short.wav", 32000)]),
+                              max_sample_size=64000, min_sample_size=16000)
+    with caplog.at_level(logging.WARNING):
+        kept, ignored = ds.filter_indices_by_size(np.arange(2), 400000)
+    assert list(kept) == [0, 1] and ignored == [] and "skipped" not in caplog.text
+    batch = ds.collater([ds[0], ds[1]])
+    assert batch["net_input"]["source"].shape == (2, 32000)  # cropped to the shorter (no padding)
+    kept, ignored = ds.filter_indices_by_size(np.arange(2), 40000)  # still too long after cropping: named
+    assert list(kept) == [1] and ignored == [0] and "skipped 1 files longer than max_positions=40000" in caplog.text
+
+
 # -- images ----------------------------------------------------------------------------
 def image_list(tmp_path, names):
     (tmp_path / "list.tsv").write_text(str(tmp_path) + "\n" + "".join(f"{n}\n" for n in names))
@@ -161,6 +189,19 @@ def test_image_grayscale_cmyk_alpha_become_rgb(tmp_path, mode):
     Image.new(mode, (12, 10)).save(tmp_path / f"m.{ext}")
     img = load_image(str(tmp_path / f"m.{ext}"), "here")
     assert img.shape == (3, 10, 12) and img.dtype == torch.float32 and 0 <= float(img.min()) <= float(img.max()) <= 1
+
+
+def test_image_16_bit_keeps_its_full_range(tmp_path):
+    """A 16-bit grayscale PNG: Pillow's convert("RGB") clipped every value above 255 (near white)."""
+    ramp = (np.arange(48 * 64).reshape(48, 64) * 21).astype(np.uint16)  # 0 .. 64491
+    Image.fromarray(ramp).save(tmp_path / "g16.png")
+    img = load_image(str(tmp_path / "g16.png"), "here")
+    assert img.shape == (3, 48, 64)
+    assert torch.allclose(img[1], torch.from_numpy(ramp / 65535.0).float(), atol=1e-6)
+    assert float(img.mean()) == pytest.approx(ramp.mean() / 65535.0, abs=1e-4)  # ~0.49, not ~1
+    Image.fromarray(np.full((4, 4), 2.5, dtype=np.float32), mode="F").save(tmp_path / "f.tif")
+    with pytest.raises(ImageDataError, match=r"f\.tif .*float image with values in \[2\.5, 2\.5\]"):
+        load_image(str(tmp_path / "f.tif"), "here")
 
 
 def test_image_tiny_image_is_upsampled(tmp_path):
@@ -214,10 +255,54 @@ def hydra_train(*overrides):
 @pytest.mark.slow
 def test_config_unknown_key(tmp_path):
     out = hydra_train(f"task.data={tmp_path}", "model.depht=2", f"hydra.run.dir={tmp_path}")
-    assert out.returncode != 0 and "Could not override 'model.depht'" in out.stderr and "Key 'depht' is not in struct" in out.stderr
+    assert out.returncode != 0 and "Could not override 'model.depht'" in out.stderr
+    assert "'model.depht' is not a field of model; did you mean model.depth?" in out.stderr
     flags = subprocess.run([os.path.join(BIN, "fairseq-train"), str(tmp_path), "--user-dir", user_dir(), "--task",
                             "d2v_audio_pretraining", "--arch", "d2v_multi", "--depht", "2"], capture_output=True, text=True)
     assert flags.returncode != 0 and "unrecognized arguments: --depht 2" in flags.stderr
+
+
+@pytest.mark.slow
+def test_config_field_missing_from_the_yaml_is_a_plain_override(tmp_path):
+    """Every field of the task/model/criterion/optimizer/scheduler: no `+` needed (Hydra
+    asked for `+model.pooling=mean`, the same answer as for a typo)."""
+    out = subprocess.run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/finetune/text"),
+                          "--config-name", "tiny", "task.data=D", "model.pretrained_path=P", "common.user_dir=U",
+                          "model.pooling=mean", "lr_scheduler.end_learning_rate=0.01", "task.seed=3", "--cfg", "job"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "pooling: mean" in out.stdout and "end_learning_rate: 0.01" in out.stdout and "seed: 3" in out.stdout
+
+
+def test_config_shipped_yamls_list_every_field():
+    """d2v_plugin/conf holds every field of every dataclass a shipped YAML names, and is current."""
+    from d2v_plugin.hydra_defaults import main as defaults_main
+
+    defaults_main(["--check"])
+    from omegaconf import OmegaConf
+
+    for folder, _, files in os.walk(os.path.join(REPO, "config")):
+        for name in files:
+            cfg = OmegaConf.load(os.path.join(folder, name))
+            assert cfg.hydra.job.chdir is False and "pkg://d2v_plugin.conf" in cfg.hydra.searchpath, name
+            listed = set()
+            for entry in cfg.defaults:
+                if entry != "_self_":
+                    (group, value), = entry.items()
+                    listed.add(group.split("@")[1])
+                    assert value == cfg[group.split("@")[1]]["_name"], (name, group)
+            assert listed == {k for k in ("task", "model", "criterion", "optimizer", "lr_scheduler")
+                              if isinstance(cfg.get(k), type(cfg)) and cfg[k].get("_name")}, name
+
+
+def test_config_typo_names_the_closest_field():
+    from d2v_plugin.hydra_defaults import suggest_fields
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.create({"model": {"pooling": "first", "dropout": 0.1, "layerdrop": 0.0}})
+    msg = suggest_fields("Could not override 'model.poolng'.\nTo append to your config use +model.poolng=mean", cfg)
+    assert msg.endswith("did you mean model.pooling?")
+    assert "no similar field name" in suggest_fields("Could not override 'model.zzzzzz'.", cfg)
 
 
 @pytest.mark.slow

@@ -55,7 +55,7 @@ class D2vCriterion(SummedLogsCriterion):
         metrics.log_scalar("sample_size", sample_size)
         for k in MEAN_KEYS:
             value = total(k) / batches
-            metrics.log_scalar(k, value * 1000 if k == "ema_decay" else value, batches, round=5 if k != "ema_decay" else 3)
+            metrics.log_scalar(k, value, batches, round=6 if k == "ema_decay" else 5)  # the decay as it is (0.999134)
         names = {k[: -len("_batches")] for log in logging_outputs for k in log if k.endswith("_batches") and k != "batches"}
         for m in sorted(names):
             n = total(f"{m}_batches")

@@ -41,12 +41,45 @@ def read_manifest(path: str):
     return root, entries
 
 
+def wav_truncation(path: str) -> str:
+    """For a RIFF/WAVE file whose ``data`` chunk is shorter than its header declares (a
+    copy or download cut short), the reason; else "". libsndfile reads such files without
+    complaint, returning only the samples present."""
+    import struct
+
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(12)
+        if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+            return ""
+        pos, block = 12, 0
+        while pos + 8 <= size:
+            f.seek(pos)
+            cid, n = struct.unpack("<4sI", f.read(8))
+            if cid == b"fmt ":
+                fmt = f.read(min(n, 16))
+                if len(fmt) >= 14:
+                    block = struct.unpack("<H", fmt[12:14])[0]  # bytes per frame
+            elif cid == b"data":
+                have = size - pos - 8
+                if n in (0, 0xFFFFFFFF) or n <= have:  # unknown length (streamed) or complete
+                    return ""
+                frames = (f"{n // block} frames declared, {have // block} present" if block else
+                          f"{n} bytes declared, {have} present")
+                return f"truncated: the header's data chunk says {frames}; re-copy or re-encode the file"
+            pos += 8 + n + (n & 1)
+    return ""
+
+
 def load_audio(path: str, expected_rate: int, where: str) -> np.ndarray:
     """Read one file as float32 mono; ``where`` names the manifest line for errors."""
     try:
         wav, rate = sf.read(path, dtype="float32", always_2d=True)
     except Exception as e:  # soundfile raises several types for unreadable files
         raise AudioDataError(f"{path} ({where}): cannot read audio: {e}. Re-encode it as wav/flac or remove the line.") from e
+    truncated = wav_truncation(path)
+    if truncated:
+        raise AudioDataError(f"{path} ({where}): {truncated}, or remove the line.")
     if rate != expected_rate:
         raise AudioDataError(
             f"{path} ({where}): sample rate {rate} Hz, expected {expected_rate} Hz. Resample it "
@@ -123,6 +156,17 @@ class AudioPretrainDataset(ListedFilesDataset):
 
     def num_tokens(self, index: int) -> int:
         return self.size(index)
+
+    def filter_indices_by_size(self, indices, max_sizes):
+        """fairseq's default compares ``self.sizes`` (whole files) with ``max_positions``, so a
+        long file that pretraining would crop was dropped; compare what a batch holds, and
+        name whatever is still too long (a counted, logged skip)."""
+        too_long = indices[self.cropped_sizes[indices] > max_sizes] if max_sizes is not None else indices[:0]
+        if len(too_long):
+            logger.warning("%s: skipped %d files longer than max_positions=%s after cropping to max_sample_size=%d: "
+                           "lines %s", self.manifest, len(too_long), max_sizes, self.max_sample_size,
+                           ", ".join(str(self.lines[i]) for i in too_long[:10]))
+        return indices[~np.isin(indices, too_long)], too_long.tolist()
 
     def num_tokens_vec(self, indices):
         return self.cropped_sizes[indices]

@@ -38,13 +38,29 @@ def read_image_list(path: str) -> Tuple[str, List[Tuple[str, str, int]]]:
     return root, entries
 
 
+def _high_depth_gray(img) -> Tensor:
+    """A 16-bit / 32-bit integer or float grayscale image (Pillow modes I;16*, I, F) -> (3, H, W)
+    in [0, 1] with its full range (``convert("RGB")`` would clip every value above 255)."""
+    gray = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        lo, hi = float(gray.min()), float(gray.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ValueError(f"a float image with values in [{lo:g}, {hi:g}]; d2v_plugin reads float images as [0, 1]")
+        scale = 1.0
+    else:
+        scale = 65535.0 if img.mode.startswith("I;16") or gray.max() <= 65535 else 4294967295.0
+    return torch.from_numpy(gray / scale).float().clamp_(0.0, 1.0)[None].expand(3, -1, -1).contiguous()
+
+
 def load_image(path: str, where: str) -> Tensor:
-    """-> (3, H, W) float in [0, 1]."""
+    """-> (3, H, W) float in [0, 1]; 16-bit and float grayscale keep their full range."""
     from PIL import Image
 
     try:
         with Image.open(path) as img:
             img.load()  # decode now: truncated files fail here, not later
+            if img.mode.startswith("I") or img.mode == "F":
+                return _high_depth_gray(img)
             if img.mode == "RGBA" or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -6,7 +6,6 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
-from fairseq import checkpoint_utils
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel
 from omegaconf import DictConfig, OmegaConf
@@ -56,10 +55,13 @@ def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
     """-> {"model": config dict, "task": task settings, "state": weights, "task_state": the
     task's saved state} of a d2v_plugin pretraining checkpoint with a ``modality`` encoder
     (any, if None)."""
+    from ..checkpoints import CheckpointError, load_checkpoint
+
     try:
-        ckpt = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except FileNotFoundError as e:
-        raise PretrainedCheckpointError(f"model.pretrained_path={path!r}: file not found") from e
+        ckpt = load_checkpoint(path, "a d2v_plugin pretraining checkpoint (checkpoint_last.pt of a d2v_multi run) "
+                                     "or an official data2vec one")
+    except CheckpointError as e:
+        raise PretrainedCheckpointError(str(e)) from None
     cfg = ckpt.get("cfg")
     if model_name(cfg) in OFFICIAL_MODELS:
         logger.info("%s: an official %s checkpoint, converted on load", path, model_name(cfg))
@@ -69,9 +71,12 @@ def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
     model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg is not None and cfg.get("model") else {}
     name = model_cfg.get("_name")
     if name != "d2v_multi":
+        origin = model_cfg.get("pretrained_path")
+        hint = (f"; it is a fine-tuned {name} checkpoint: use the pretraining checkpoint it started from "
+                f"(its model.pretrained_path: {origin})" if origin else "")
         raise PretrainedCheckpointError(
             f"{path}: model {name!r} is neither a d2v_plugin pretraining checkpoint (d2v_multi) nor an official "
-            "data2vec one (data2vec_multi, data2vec_audio, data2vec_text) nor fairseq RoBERTa"
+            f"data2vec one (data2vec_multi, data2vec_audio, data2vec_text) nor fairseq RoBERTa{hint}"
         )
     if modality is not None and modality not in parse_modalities(model_cfg.get("modalities", "audio")):
         raise PretrainedCheckpointError(f"{path}: the model has no {modality} encoder (modalities={model_cfg['modalities']!r})")

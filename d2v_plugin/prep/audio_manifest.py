@@ -2,8 +2,8 @@
 
     python -m d2v_plugin.prep.audio_manifest AUDIO_DIR --dest OUT --valid-percent 0.01
 
-Every wav/flac/ogg file under AUDIO_DIR is checked (readable, sample rate, mono,
-non-empty); usable files go to OUT/train.tsv and OUT/valid.tsv (and OUT/test.tsv for
+Every wav/flac/ogg file under AUDIO_DIR is checked (readable, not truncated: a wav's data
+no shorter than its header says, sample rate, mono, non-empty); usable files go to OUT/train.tsv and OUT/valid.tsv (and OUT/test.tsv for
 the files named by ``--test-list``) (first line the root,
 then ``relative/path<TAB>num_samples``); the others are listed with the reason on
 stderr and in OUT/rejected.tsv.
@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 
 import soundfile as sf
 
+from ..data.audio import wav_truncation
 from . import write_rejected
 
 EXTENSIONS = ("wav", "flac", "ogg")
@@ -28,6 +29,9 @@ def check_audio(path: str, sample_rate: int) -> Tuple[Optional[int], str]:
         info = sf.info(path)
     except Exception as e:  # soundfile raises several types for unreadable files
         return None, f"unreadable: {str(e).splitlines()[0]}"
+    truncated = wav_truncation(path)
+    if truncated:
+        return None, truncated
     if info.frames <= 0:
         return None, "empty: no samples"
     if info.samplerate != sample_rate:
