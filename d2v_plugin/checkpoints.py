@@ -98,12 +98,26 @@ def load_checkpoint(path: str, need: str) -> dict:
     try:
         ckpt = checkpoint_utils.load_checkpoint_to_cpu(path)
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, KeyError, ... for bad files
+        try:
+            obj, readable = torch.load(path, map_location="cpu", weights_only=True), True
+        except Exception:
+            obj, readable = None, False
+        if readable and not (isinstance(obj, dict) and "model" in obj):
+            raise CheckpointError(f"{path} is a torch file but not a fairseq checkpoint ({_kind(obj)}, no 'model' entry); "
+                                  f"{need} is needed") from None
+        if readable:  # torch reads it; fairseq's upgrade of an old/partial layout failed
+            raise CheckpointError(f"{path} is a torch file but not a complete fairseq checkpoint (fairseq could not "
+                                  f"read it: {type(e).__name__} {str(e).splitlines()[0][:120]}); {need} is needed") from None
         glob = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line), "")
         if "Weights only load failed" in str(e) and glob and os.path.getsize(path) and open(path, "rb").read(2) in (b"PK", b"\x80\x02"):
             raise CheckpointError(f"{path} holds Python objects that a fairseq checkpoint does not ({glob[:160]}); "
                                   f"{need} is needed") from None
         raise CheckpointError(f"{describe_unreadable(path, e)}; {need} is needed") from None
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        kind = f"a {type(ckpt).__name__}" if not isinstance(ckpt, dict) else f"a dict with keys {sorted(ckpt)[:6]}"
-        raise CheckpointError(f"{path} is a torch file but not a fairseq checkpoint ({kind}, no 'model' entry); {need} is needed")
+        raise CheckpointError(f"{path} is a torch file but not a fairseq checkpoint ({_kind(ckpt)}, no 'model' entry); "
+                              f"{need} is needed")
     return ckpt
+
+
+def _kind(obj) -> str:
+    return f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"

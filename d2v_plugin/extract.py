@@ -63,7 +63,13 @@ class Extractor:
                 from .data.audio import load_audio
                 from .models.pretrained import audio_normalize
 
+                from .modules.feature_extractor import receptive_field
+
                 wav = torch.from_numpy(load_audio(str(item), int(self.task.get("sample_rate", 16000)), "input"))
+                field_ = receptive_field(self.encoder.spec)
+                if len(wav) < field_:
+                    raise ValueError(f"{len(wav)} samples, shorter than the feature extractor's receptive field "
+                                     f"({field_} samples): no frame to extract; pad or drop it")
                 return prepare_waveform(wav, audio_normalize(self.task))
             if self.modality == "image":
                 from .data.image import center_crop, load_image
@@ -71,7 +77,7 @@ class Extractor:
                 return prepare_image(center_crop(load_image(str(item), "input"), self.encoder.input_size))
         except ValueError as e:
             raise ExtractError(f"{item}: cannot be read as {self.modality} input for {self.path or 'this checkpoint'} "
-                               f"(a {self.modality} model): {e}") from e
+                               f"({self.modality} model): {e}") from e
         if self.no_vocabulary is not None:
             raise self.no_vocabulary
         pieces = " ".join(self.spm.encode(str(item), out_type=str))
@@ -138,7 +144,12 @@ class Extractor:
                 x = feats[b]
                 if pad is not None:
                     x = x.narrow(time_axis - 1, 0, int((~pad[b]).sum()))
-                results.append((x.mean(time_axis - 1) if pool == "mean" else x).float().numpy())
+                out = (x.mean(time_axis - 1) if pool == "mean" else x).float().numpy()
+                if out.size == 0 or not np.isfinite(out).all():
+                    what = "no frames" if out.size == 0 else "NaN or infinite values"
+                    raise ExtractError(f"{inputs[start + b]}: the features have {what} ({self.path}); "
+                                       "check the input and the checkpoint (a diverged run gives NaN weights)")
+                results.append(out)
             bar.update(len(sources))
         bar.close()
         return results
@@ -203,6 +214,7 @@ def load(path: str, modality: Optional[str] = None) -> Extractor:
                            "use a checkpoint of that modality or --modality " + modalities[0])
     fields = set(D2vMultiConfig.__dataclass_fields__)
     model = Data2Vec(model_settings(D2vMultiConfig(**{k: v for k, v in pre["model"].items() if k in fields})))
+    model.teacher = None  # features come from the student (the checkpoint's teacher entry is not read)
     model.load_state_dict(pre["state"])
     model.remove_pretraining_modules(modality)
     return Extractor(model, modality, pre["task"], pre["task_state"], path)

@@ -190,6 +190,8 @@ def main(argv=None) -> None:
     ap.add_argument("--size", type=int, default=32, help="images: side in pixels (Fashion-MNIST is 28)")
     ap.add_argument("--seed", type=int, default=0, help="seed of sentence/voice choice")
     a = ap.parse_args(argv)
+    if a.n < (0 if a.kind == "text" else 1):
+        ap.error(f"--n {a.n}: at least 1 (text: 0 = every article)")
     if a.kind == "text":
         print(f"wrote {build_text(a.out, a.n)} to {a.out}/news.txt and {a.out}/sentiment/", file=sys.stderr)
         return

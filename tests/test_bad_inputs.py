@@ -3,6 +3,7 @@ error naming the file/line/key and the fix, or a counted, logged skip where skip
 the documented behaviour."""
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -344,3 +345,91 @@ def test_labels_count_and_unknown_characters(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__]))
+
+
+# -- checkpoints and tools ---------------------------------------------------------------
+def tiny_audio_checkpoint(path, nan=False):
+    import dataclasses
+
+    cfg = tiny_cfg()
+    model = D2vMultiModel(cfg)
+    state = model.state_dict()
+    if nan:
+        state = {k: (v.fill_(float("nan")) if k.endswith("blocks.0.mlp.fc1.weight") else v) if torch.is_tensor(v) else v
+                 for k, v in state.items()}
+    return fairseq_checkpoint(path, {"model": {**dataclasses.asdict(cfg), "_name": "d2v_multi"},
+                                     "task": {"_name": "d2v_audio_pretraining", "normalize": True, "sample_rate": 16000}}, state)
+
+
+def fairseq_checkpoint(path, cfg, state):
+    """What fairseq's save_checkpoint writes (the entries its loader upgrades)."""
+    torch.save({"cfg": cfg, "model": state, "extra_state": {"train_iterator": {"epoch": 1}}, "last_optimizer_state": None,
+                "optimizer_history": [{"criterion_name": "D2vCriterion", "optimizer_name": "Adam",
+                                       "lr_scheduler_state": {}, "num_updates": 1}]}, path)
+    return str(path)
+
+
+def test_checkpoint_not_a_checkpoint_truncated_or_wrong_kind(tmp_path):
+    """extract, convert and fine-tuning (model.pretrained_path) name what the file is: no traceback."""
+    from d2v_plugin.convert import main as convert_main
+    from d2v_plugin.extract import main as extract_main
+    from d2v_plugin.models.pretrained import PretrainedCheckpointError, read_pretrained
+
+    good = tiny_audio_checkpoint(tmp_path / "good.pt")
+    (tmp_path / "notes.pt").write_text("hello, not a checkpoint\n")
+    (tmp_path / "cut.pt").write_bytes(open(good, "rb").read()[:5000])
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "tensors.pt")
+    fairseq_checkpoint(tmp_path / "ft.pt", {"model": {"_name": "d2v_ctc", "pretrained_path": "pt/checkpoint_last.pt"}}, {})
+    cases = {"notes.pt": "is not a PyTorch checkpoint (it starts with 'hello, not a che')",
+             "cut.pt": "is truncated or corrupted (5,000 bytes of a zip archive whose end is missing",
+             "empty.pt": "is empty (0 bytes)",
+             "tensors.pt": "is a torch file but not a fairseq checkpoint (a dict with keys ['weights'], no 'model' entry)",
+             "ft.pt": "it is a fine-tuned d2v_ctc checkpoint: use the pretraining checkpoint it started from "
+                      "(its model.pretrained_path: pt/checkpoint_last.pt)",
+             "missing.pt": "not found"}
+    for name, expected in cases.items():
+        path = str(tmp_path / name)
+        with pytest.raises(SystemExit) as e:
+            extract_main(["--checkpoint", path, "--input", good, "--out", str(tmp_path / "f.npz")])
+        assert str(e.value).startswith("error: ") and expected in str(e.value) and "\n" not in str(e.value), (name, e.value)
+        with pytest.raises(PretrainedCheckpointError, match=re.escape(expected)):
+            read_pretrained(path, "audio")
+        if name != "ft.pt":
+            with pytest.raises(SystemExit, match=re.escape(expected)):
+                convert_main(["--from-fairseq", path, "--out", str(tmp_path / "o.pt")])
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_extract_input_shorter_than_receptive_field_and_nan_features(tmp_path):
+    from d2v_plugin.extract import main as extract_main
+
+    good = tiny_audio_checkpoint(tmp_path / "good.pt")
+    wav(tmp_path / "short.wav", 100)  # the tiny extractor's receptive field is 20 samples... of stride 20
+    wav(tmp_path / "tiny.wav", 10)
+    wav(tmp_path / "ok.wav", 4000)
+    with pytest.raises(SystemExit, match=r"tiny\.wav: cannot be read as audio input .*10 samples, shorter than the feature extractor's receptive field \(\d+ samples\)"):
+        extract_main(["--checkpoint", good, "--input", str(tmp_path / "ok.wav"), str(tmp_path / "tiny.wav"), "--out", str(tmp_path / "f.npz")])
+    bad = tiny_audio_checkpoint(tmp_path / "nan.pt", nan=True)
+    with pytest.raises(SystemExit, match=r"ok\.wav: the features have NaN or infinite values .*diverged run"):
+        extract_main(["--checkpoint", bad, "--input", str(tmp_path / "ok.wav"), "--out", str(tmp_path / "f.npz")])
+    assert not (tmp_path / "f.npz").exists()
+
+
+def test_tools_refuse_to_write_empty_output(tmp_path):
+    """prep.text_classification with no usable row and samples --n 0 exit non-zero, naming the input."""
+    from d2v_plugin.prep.text_classification import prepare as prepare_cls
+    from d2v_plugin.samples import main as samples_main
+
+    (tmp_path / "raw.txt").write_text("".join(f"line {i} with some words\n" for i in range(40)))
+    prepare_text(str(tmp_path / "raw.txt"), str(tmp_path / "data"), vocab_size=40, valid_percent=0.1)
+    (tmp_path / "bad.tsv").write_text("no label here\n\n")
+    (tmp_path / "ok.tsv").write_text("a sentence\tpos\nanother one\tneg\n")
+    with pytest.raises(SystemExit, match=r"no usable `sentence<TAB>label` row in .*bad\.tsv \(train\)"):
+        prepare_cls({"train": str(tmp_path / "bad.tsv"), "valid": str(tmp_path / "ok.tsv")}, str(tmp_path / "data"), str(tmp_path / "c"))
+    (tmp_path / "unseen.tsv").write_text("a sentence\tmaybe\n")
+    with pytest.raises(SystemExit, match=r"unseen\.tsv \(valid\): every row's label is unusable"):
+        prepare_cls({"train": str(tmp_path / "ok.tsv"), "valid": str(tmp_path / "unseen.tsv")}, str(tmp_path / "data"), str(tmp_path / "c"))
+    with pytest.raises(SystemExit):
+        samples_main(["speech", "--out", str(tmp_path / "s"), "--n", "0"])
+    assert not (tmp_path / "s").exists()

@@ -122,7 +122,7 @@ def test_unreadable_inputs_and_mismatched_modality(checkpoints, tmp_path):
     with pytest.raises(ExtractError, match=r"bad\.wav: cannot be read as audio input .*cannot read audio"):
         ex.extract([str(tmp_path / "bad.wav")])
     image = checkpoints["inputs"]["image"][0]
-    with pytest.raises(ExtractError, match=r"\.png: cannot be read as audio input for .* \(a audio model\)"):
+    with pytest.raises(ExtractError, match=r"\.png: cannot be read as audio input for .* \(audio model\)"):
         ex.extract([image])
     with pytest.raises(ExtractError, match="has no audio encoder \\(modalities=text\\)"):
         d2v_plugin.load(str(checkpoints["text"]), modality="audio")

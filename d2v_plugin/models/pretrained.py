@@ -135,6 +135,7 @@ class FinetuneModel(BaseFairseqModel):
         args = OmegaConf.to_container(args, resolve=True) if isinstance(args, DictConfig) else args
         encoder = Data2Vec(model_settings(cls.encoder_config(args["model"], cfg)))
         if loaded is not None and not cfg.random_init:
+            encoder.teacher = None  # fine-tuning starts from the student; the teacher entry is not read
             encoder.load_state_dict(cls.adapt_state(loaded["state"], encoder), strict=True)
             logger.info("loaded pretrained weights from %s", cfg.pretrained_path)
         elif loaded is not None:

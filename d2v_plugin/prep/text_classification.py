@@ -75,6 +75,10 @@ def prepare(splits: Dict[str, str], text_data: str, dest: str, regression: bool 
     for split, path in splits.items():
         data[split], bad = read_rows(path)
         skipped += bad
+    empty = [f"{splits[split]} ({split})" for split, rows in data.items() if not rows]
+    if empty:
+        raise SystemExit(f"error: no usable `sentence<TAB>label` row in {', '.join(empty)} ({len(skipped)} malformed "
+                         "row(s) skipped); each line needs a sentence (or two) and a label, tab-separated")
     classes: Optional[List[str]] = None if regression else sorted({row[1] for row in data["train"]})
     counts = {}
     for split, rows in data.items():
@@ -90,6 +94,9 @@ def prepare(splits: Dict[str, str], text_data: str, dest: str, regression: bool 
                 skipped.append(f"{splits[split]}, line {n}\tlabel {label!r} not seen in train")
                 continue
             kept.append((sentences, label))
+        if not kept:
+            raise SystemExit(f"error: {splits[split]} ({split}): every row's label is unusable ({skipped[-1].split(chr(9))[-1]}); "
+                             "fix the labels or pass --regression for numeric targets")
         data[split] = kept
         counts[split] = len(kept)
     n_inputs = len(data["train"][0][0]) if data["train"] else 1
