@@ -20,7 +20,6 @@ def main(argv=None) -> None:
                                                "models use GPT-2 BPE, which the plugin's text tasks do not read)")
     a = ap.parse_args(argv)
     from . import checkpoints  # noqa: F401  (safe-loader allow-list)
-
     from .checkpoints import CheckpointError, load_checkpoint
 
     try:

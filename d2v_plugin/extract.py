@@ -62,7 +62,6 @@ class Extractor:
             if self.modality == "audio":
                 from .data.audio import load_audio
                 from .models.pretrained import audio_normalize
-
                 from .modules.feature_extractor import receptive_field
 
                 wav = torch.from_numpy(load_audio(str(item), int(self.task.get("sample_rate", 16000)), "input"))

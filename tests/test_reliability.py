@@ -225,3 +225,35 @@ def test_nan_loss_never_reaches_the_teacher(speech_corpus, tmp_path):
     AmpLikeOptimizer.step = lambda self: None  # a finite update keeps the scale: the teacher steps
     task.optimizer_step(AmpLikeOptimizer(), model, 0)
     assert model.ema_steps == 1
+
+
+@pytest.mark.slow
+def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_resume_command(tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during training:
+    exit 130, no traceback, one line with the last checkpoint and the command to resume;
+    the progress meters and the EMA decay appear in the log lines as they are."""
+    from d2v_plugin.prep.text import prepare as prepare_text
+
+    (tmp_path / "raw.txt").write_text("".join(f"line {i} with a few words {i % 7} more words\n" for i in range(200)))
+    prepare_text(str(tmp_path / "raw.txt"), str(tmp_path / "data"), vocab_size=60, valid_percent=0.05)
+    save = tmp_path / "ck"
+    cmd = [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/pretrain/text"),
+           "--config-name", "tiny_v2", f"task.data={tmp_path / 'data'}", f"common.user_dir={REPO}/d2v_plugin",
+           f"checkpoint.save_dir={save}", f"hydra.run.dir={tmp_path / 'h'}", "optimization.max_update=100000",
+           "checkpoint.save_interval_updates=3", "common.log_interval=2", "dataset.num_workers=1",
+           "task.tokens_per_sample=32", "model.text_max_positions=32", "dataset.batch_size=4"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while not (save / "checkpoint_last.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+    time.sleep(2)
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if "interrupted (Ctrl-C)" in line]
+    assert len(lines) == 1 and f"the last checkpoint is {save}/checkpoint_last.pt" in lines[0], err[-3000:]
+    assert "resume from it with the same command: fairseq-hydra-train --config-dir" in lines[0]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
+    inner = [line for line in out.splitlines() + err.splitlines() if "train_inner" in line]
+    assert inner and all("done_pct=" in line and "eta_min=" in line for line in inner[1:])
+    assert re.search(r"ema_decay=0\.99\d*", inner[-1])

@@ -8,7 +8,6 @@ from typing import Dict, List
 
 import torch
 from fairseq.data import Dictionary
-from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
@@ -16,13 +15,13 @@ from ..data.audio import AudioDataError, LabelledAudioDataset
 from ..fairseq_utils import unwrap
 from ..modules.ctc import ctc_best_path
 from ..modules.feature_extractor import conv_output_lengths, receptive_field
-from .base import FinetuneTaskMixin, NoDictionaryTask, data_dir
+from .base import FinetuneTaskMixin, NoDictionaryTask, RunConfig, RunFeedbackMixin, data_dir
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class D2vAsrFinetuningConfig(FairseqDataclass):
+class D2vAsrFinetuningConfig(RunConfig):
     data: str = field(
         default=MISSING, metadata={"help": "directory with {split}.tsv manifests, {split}.{labels} and dict.{labels}.txt"}
     )
@@ -60,7 +59,7 @@ class CTCGenerator:
 
 
 @register_task("d2v_asr_finetuning", dataclass=D2vAsrFinetuningConfig)
-class D2vAsrFinetuningTask(FinetuneTaskMixin, NoDictionaryTask, FairseqTask):
+class D2vAsrFinetuningTask(RunFeedbackMixin, FinetuneTaskMixin, NoDictionaryTask, FairseqTask):
     cfg: D2vAsrFinetuningConfig
 
     def __init__(self, cfg: D2vAsrFinetuningConfig, dictionary: Dictionary):

@@ -4,20 +4,19 @@ import logging
 import os
 from dataclasses import dataclass, field
 
-from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.audio import AudioDataError, AudioPretrainDataset
 from ..fairseq_utils import unwrap
 from ..modules.feature_extractor import receptive_field
-from .base import EMAStepMixin, NoDictionaryTask, WorkerMasksMixin, data_dir
+from .base import EMAStepMixin, NoDictionaryTask, RunConfig, RunFeedbackMixin, WorkerMasksMixin, data_dir
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class D2vAudioPretrainingConfig(FairseqDataclass):
+class D2vAudioPretrainingConfig(RunConfig):
     data: str = field(default=MISSING, metadata={"help": "directory holding the {split}.tsv manifests"})
     sample_rate: int = field(default=16000, metadata={"help": "required sample rate (Hz) of every file"})
     normalize: bool = field(
@@ -37,7 +36,7 @@ class D2vAudioPretrainingConfig(FairseqDataclass):
 
 
 @register_task("d2v_audio_pretraining", dataclass=D2vAudioPretrainingConfig)
-class D2vAudioPretrainingTask(EMAStepMixin, WorkerMasksMixin, NoDictionaryTask, FairseqTask):
+class D2vAudioPretrainingTask(RunFeedbackMixin, EMAStepMixin, WorkerMasksMixin, NoDictionaryTask, FairseqTask):
     """Reads wav2vec manifests; the collater crops and draws the model's masks in the
     data workers once the model is built."""
 

@@ -1,17 +1,107 @@
-"""What the d2v tasks share: the teacher's EMA step after each optimizer update, the
-fine-tuning tasks' record of the pretrained config, tasks without dictionaries."""
+"""What the d2v tasks share: the teacher's EMA step after each optimizer update, progress
+and ETA lines and a one-line Ctrl-C, the fine-tuning tasks' record of the pretrained
+config, tasks without dictionaries."""
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import shlex
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+from fairseq.dataclass import FairseqDataclass
+from fairseq.logging import metrics
+from omegaconf import II
 from omegaconf.errors import MissingMandatoryValue
 
 from ..fairseq_utils import set_cfg_field, unwrap
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RunConfig(FairseqDataclass):
+    max_update: int = field(
+        default=II("optimization.max_update"),
+        metadata={"help": "set from optimization.max_update (leave it): the total of the progress and ETA meters"},
+    )
+
+
+class RunFeedbackMixin:
+    """Every training run shows where it is: ``done_pct`` (updates done of ``max_update``)
+    and ``eta_min`` (minutes left at the rate of the last 50 updates) join fairseq's
+    meters, so they appear in each log line and in the tqdm bar's postfix (fairseq shows a
+    bar when ``common.log_format`` is unset and the output is a terminal). Ctrl-C ends with
+    one line: the update reached, the last checkpoint and the command that resumes from it."""
+
+    _recent = None
+    _update = 0
+
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        out = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        if self._recent is None:
+            self._recent = collections.deque(maxlen=50)
+            install_interrupt_message(self)
+        if not self._recent or self._recent[-1][0] != update_num:
+            self._recent.append((update_num, time.perf_counter()))
+        self._update = update_num + 1
+        total = getattr(self.cfg, "max_update", 0)
+        total = total if isinstance(total, int) else 0
+        if total > 0:
+            metrics.log_scalar("done_pct", 100.0 * self._update / total, weight=0, priority=1000, round=1)
+        if len(self._recent) >= 2 and total > 0:
+            (u0, t0), (u1, t1) = self._recent[0], self._recent[-1]
+            if t1 > t0:
+                metrics.log_scalar("eta_min", (total - self._update) * (t1 - t0) / (u1 - u0) / 60.0, weight=0,
+                                   priority=1001, round=1)
+        return out
+
+
+def save_dir_from_argv(argv) -> str:
+    """The checkpoint folder of this command line (``checkpoint.save_dir=`` or ``--save-dir``;
+    fairseq's default ``checkpoints``)."""
+    for i, a in enumerate(argv):
+        if a.startswith("checkpoint.save_dir="):
+            return a.split("=", 1)[1]
+        if a.startswith("--save-dir="):
+            return a.split("=", 1)[1]
+        if a == "--save-dir" and i + 1 < len(argv):
+            return argv[i + 1]
+    return "checkpoints"
+
+
+def interrupt_message(update: int, argv) -> str:
+    last = os.path.join(save_dir_from_argv(argv), "checkpoint_last.pt")
+    command = " ".join(shlex.quote(a) for a in [os.path.basename(argv[0]), *argv[1:]])
+    if os.path.isfile(last):
+        saved = time.strftime("%H:%M:%S", time.localtime(os.path.getmtime(last)))
+        return (f"interrupted (Ctrl-C) during update {update + 1}; the last checkpoint is {last} (saved {saved}); "
+                f"resume from it with the same command: {command}")
+    return (f"interrupted (Ctrl-C) during update {update + 1}; no checkpoint saved yet ({last} does not exist), "
+            f"so the same command starts afresh: {command}")
+
+
+def install_interrupt_message(task) -> None:
+    """SIGINT in the training process: print ``interrupt_message`` and exit 130 (no tracebacks
+    from the trainer and its data workers). Checkpoint files are written atomically, so
+    stopping at any point leaves the last complete checkpoint."""
+    main_pid = os.getpid()
+
+    def on_interrupt(signum, frame):
+        if os.getpid() != main_pid:  # a forked data worker: let torch end it quietly
+            raise KeyboardInterrupt
+        print(interrupt_message(task._update, sys.argv), file=sys.stderr, flush=True)
+        os._exit(130)
+
+    try:
+        signal.signal(signal.SIGINT, on_interrupt)
+    except ValueError:  # not the main thread (an embedding application): keep its handler
+        pass
 
 
 class EMAStepMixin:

@@ -10,19 +10,18 @@ import os
 from dataclasses import dataclass, field
 from typing import List
 
-from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.image import ImageDataError, ImageDataset
 from ..fairseq_utils import unwrap
-from .base import EMAStepMixin, FinetuneTaskMixin, NoDictionaryTask, WorkerMasksMixin, data_dir
+from .base import EMAStepMixin, FinetuneTaskMixin, NoDictionaryTask, RunConfig, RunFeedbackMixin, WorkerMasksMixin, data_dir
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class D2vImageTaskConfig(FairseqDataclass):
+class D2vImageTaskConfig(RunConfig):
     data: str = field(default=MISSING, metadata={"help": "directory with the {split}.tsv image lists (and labels.txt)"})
     input_size: int = field(default=224, metadata={"help": "crop side in pixels; must match the model's image size"})
     min_crop_scale: float = field(
@@ -39,7 +38,7 @@ def image_encoder(model):
     return (inner.modality_encoders if hasattr(inner, "modality_encoders") else inner.encoder.modality_encoders)["image"]
 
 
-class ImageTask(WorkerMasksMixin, NoDictionaryTask, FairseqTask):
+class ImageTask(RunFeedbackMixin, WorkerMasksMixin, NoDictionaryTask, FairseqTask):
     labels: List[str] = None
 
     def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):

@@ -7,14 +7,13 @@ and trains one ``d2v_multi`` model whose modality encoders feed one shared Trans
 import logging
 from dataclasses import dataclass, field
 
-from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II
 
 from ..data.multimodal import MultiModalityDataset
 from ..fairseq_utils import unwrap
 from .audio_pretraining import D2vAudioPretrainingConfig, D2vAudioPretrainingTask
-from .base import EMAStepMixin, NoDictionaryTask
+from .base import EMAStepMixin, NoDictionaryTask, RunConfig, RunFeedbackMixin
 from .image import D2vImagePretrainingTask, D2vImageTaskConfig
 from .text import BREAK_MODE, D2vTextPretrainingConfig, D2vTextPretrainingTask
 
@@ -23,7 +22,7 @@ MODALITIES = ("audio", "image", "text")
 
 
 @dataclass
-class D2vMultimodalPretrainingConfig(FairseqDataclass):
+class D2vMultimodalPretrainingConfig(RunConfig):
     audio_data: str = field(default="", metadata={"help": "speech manifests (d2v_plugin.prep.audio_manifest); empty = no speech"})
     image_data: str = field(default="", metadata={"help": "image lists (d2v_plugin.prep.image_folder); empty = no images"})
     text_data: str = field(default="", metadata={"help": "binarised text (d2v_plugin.prep.text); empty = no text"})
@@ -44,7 +43,7 @@ class D2vMultimodalPretrainingConfig(FairseqDataclass):
 
 
 @register_task("d2v_multimodal_pretraining", dataclass=D2vMultimodalPretrainingConfig)
-class D2vMultimodalPretrainingTask(EMAStepMixin, NoDictionaryTask, FairseqTask):
+class D2vMultimodalPretrainingTask(RunFeedbackMixin, EMAStepMixin, NoDictionaryTask, FairseqTask):
     def __init__(self, cfg: D2vMultimodalPretrainingConfig, tasks):
         super().__init__(cfg)
         self.tasks = tasks  # modality -> its single-modality pretraining task

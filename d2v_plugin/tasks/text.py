@@ -12,20 +12,20 @@ from dataclasses import dataclass, field
 
 import torch
 from fairseq.data import Dictionary
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
 from ..data.text import TextBlockDataset, TextDataError
 from ..fairseq_utils import set_cfg_field, unwrap
-from .base import EMAStepMixin, FinetuneTaskMixin, WorkerMasksMixin, data_dir
+from .base import EMAStepMixin, FinetuneTaskMixin, RunConfig, RunFeedbackMixin, WorkerMasksMixin, data_dir
 
 logger = logging.getLogger(__name__)
 BREAK_MODE = ChoiceEnum(["none", "complete", "complete_doc", "eos"])
 
 
 @dataclass
-class D2vTextPretrainingConfig(FairseqDataclass):
+class D2vTextPretrainingConfig(RunConfig):
     data: str = field(default=MISSING, metadata={"help": "directory from d2v_plugin.prep.text (dict.txt, {split}.bin/.idx)"})
     tokens_per_sample: int = field(default=512, metadata={"help": "tokens per sample, <s> included"})
     sample_break_mode: BREAK_MODE = field(
@@ -34,7 +34,7 @@ class D2vTextPretrainingConfig(FairseqDataclass):
     seed: int = field(default=II("common.seed"), metadata={"help": "seed of the batch order and masks (common.seed)"})
 
 
-class TokenTask(FairseqTask):
+class TokenTask(RunFeedbackMixin, FairseqTask):
     """A task over the tokens of one dictionary (``self.dictionary``)."""
 
     @property
@@ -111,7 +111,7 @@ class D2vTextPretrainingTask(EMAStepMixin, WorkerMasksMixin, TokenTask):
 
 
 @dataclass
-class D2vTextClassificationConfig(FairseqDataclass):
+class D2vTextClassificationConfig(RunConfig):
     data: str = field(default=MISSING, metadata={"help": "directory from d2v_plugin.prep.text_classification"})
     max_positions: int = field(default=512, metadata={"help": "longest input in tokens; longer samples are cut (logged)"})
     seed: int = field(default=II("common.seed"), metadata={"help": "seed of the batch order (common.seed)"})
