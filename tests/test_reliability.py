@@ -1,8 +1,10 @@
 """Reliability: killed-and-resumed runs, atomic checkpoint files."""
+import json
 import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -257,3 +259,35 @@ def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_resume_command(
     inner = [line for line in out.splitlines() + err.splitlines() if "train_inner" in line]
     assert inner and all("done_pct=" in line and "eta_min=" in line for line in inner[1:])
     assert re.search(r"ema_decay=0\.99\d*", inner[-1])
+
+
+@pytest.mark.slow
+def test_every_run_ends_with_a_plot_of_its_logged_numbers(tmp_path):
+    """training_curves.png/.json in the save_dir hold exactly the numbers of the run's log
+    lines (train_inner and valid); `python -m d2v_plugin.plot LOG` draws the same from the log."""
+    from PIL import Image
+
+    from d2v_plugin.plot import curves_from_lines
+    from d2v_plugin.prep.text import prepare as prepare_text
+
+    (tmp_path / "raw.txt").write_text("".join(f"line {i} with a few words {i % 7} more words\n" for i in range(200)))
+    prepare_text(str(tmp_path / "raw.txt"), str(tmp_path / "data"), vocab_size=60, valid_percent=0.05)
+    save = tmp_path / "ck"
+    log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/pretrain/text"),
+               "--config-name", "tiny_v2", f"task.data={tmp_path / 'data'}", f"common.user_dir={REPO}/d2v_plugin",
+               f"checkpoint.save_dir={save}", f"hydra.run.dir={tmp_path / 'h'}", "optimization.max_update=12",
+               "common.log_interval=3", "dataset.validate_interval_updates=6", "dataset.num_workers=0",
+               "task.tokens_per_sample=32", "model.text_max_positions=32", "dataset.batch_size=4"])
+    saved = json.load(open(save / "training_curves.json"))
+    logged = curves_from_lines(log.splitlines())
+    assert [u for u, _ in saved["train"]["loss"]] == [3, 6, 9, 12] and [u for u, _ in saved["valid"]["loss"]] == [6, 12]
+    assert saved == json.loads(json.dumps(logged))  # the same numbers as the printed lines
+    with Image.open(save / "training_curves.png") as img:
+        assert img.size == (1500, 360) and len(set(img.convert("L").getdata())) > 20  # three panels, drawn
+    (tmp_path / "run.log").write_text(log)
+    out = run([sys.executable, "-m", "d2v_plugin.plot", str(tmp_path / "run.log"), "--out", str(tmp_path / "again.png")])
+    assert "wrote" in out and (tmp_path / "again.png").stat().st_size > 10000
+    (tmp_path / "empty.log").write_text("nothing here\n")
+    bad = subprocess.run([sys.executable, "-m", "d2v_plugin.plot", str(tmp_path / "empty.log"), "--out", str(tmp_path / "x.png")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "no training log line" in bad.stderr and not (tmp_path / "x.png").exists()

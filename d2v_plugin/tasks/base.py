@@ -3,6 +3,7 @@ and ETA lines and a one-line Ctrl-C, the fine-tuning tasks' record of the pretra
 config, tasks without dictionaries."""
 from __future__ import annotations
 
+import atexit
 import collections
 import logging
 import os
@@ -37,16 +38,25 @@ class RunFeedbackMixin:
     and ``eta_min`` (minutes left at the rate of the last 50 updates) join fairseq's
     meters, so they appear in each log line and in the tqdm bar's postfix (fairseq shows a
     bar when ``common.log_format`` is unset and the output is a terminal). Ctrl-C ends with
-    one line: the update reached, the last checkpoint and the command that resumes from it."""
+    one line: the update reached, the last checkpoint and the command that resumes from it.
+    When the process ends, the first rank writes ``training_curves.png`` / ``.json`` of the
+    lines it logged into the checkpoint folder (``d2v_plugin.plot``)."""
 
     _recent = None
     _update = 0
+    _recorder = None
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         out = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         if self._recent is None:
             self._recent = collections.deque(maxlen=50)
             install_interrupt_message(self)
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                from ..plot import RunRecorder
+
+                save_dir = save_dir_from_argv(sys.argv)
+                self._recorder = RunRecorder().attach()
+                atexit.register(self._recorder.write, save_dir, os.path.basename(os.path.normpath(save_dir)))
         if not self._recent or self._recent[-1][0] != update_num:
             self._recent.append((update_num, time.perf_counter()))
         self._update = update_num + 1
@@ -96,6 +106,8 @@ def install_interrupt_message(task) -> None:
         if os.getpid() != main_pid:  # a forked data worker: let torch end it quietly
             raise KeyboardInterrupt
         print(interrupt_message(task._update, sys.argv), file=sys.stderr, flush=True)
+        if task._recorder is not None:
+            task._recorder.write(save_dir_from_argv(sys.argv), "interrupted")
         os._exit(130)
 
     try:
