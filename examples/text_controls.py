@@ -71,6 +71,10 @@ def pretrain_command(method: str, data: str, save: str, run_dir: str, updates: i
                 f"checkpoint.save_interval_updates={updates}", *a.set]
     t = tiny_recipe("tiny_v2" if method.endswith("v2") else "tiny_v1")
     m, opt = t["model"], t["optimization"]
+    for kv in a.set:  # a recipe change tried on the plugin applies to the official code too
+        key, value = kv.split("=", 1)
+        if key.startswith("model.") and key[6:] in m:
+            m[key[6:]] = type(m[key[6:]])(value) if m[key[6:]] is not None else value
     lr, batch, warmup = opt["lr"][0], t["dataset"]["batch_size"], t["lr_scheduler"]["warmup_updates"]
     if method == "roberta":
         return [f"{BIN}/fairseq-train", data, "--task", "masked_lm", "--criterion", "masked_lm", "--arch", "roberta",
@@ -147,15 +151,29 @@ def updates_per_second(log: str) -> float:
 def pretrain_method(method: str, data: str, work: str, a) -> dict:
     """Calibrate, then pretrain for the budget -> checkpoint (d2v_plugin format) and what it took."""
     tag = method + a.tag
-    cal = f"{work}/{tag}_calibrate"
-    shutil.rmtree(cal, ignore_errors=True)
-    os.makedirs(cal)
-    run_logged(pretrain_command(method, data, f"{cal}/ckpt", f"{cal}/hydra", a.calibrate, a.seed, a), f"{cal}/log", method)
-    ups = updates_per_second(f"{cal}/log")
-    updates = max(10, int(a.budget * ups))
     save, log = f"{work}/{tag}_pretrain", f"{work}/{tag}_pretrain.log"
+    if os.path.isfile(f"{save}/checkpoint_last.pt") and os.path.isfile(log) and "done training" in open(log).read():
+        print(f"{method}: reusing the finished pretraining in {save}", flush=True)
+        return finished_pretraining(method, data, save, log, a)
+    fixed = dict(x.split("=") for x in a.updates).get(method)
+    if fixed:  # updates/s measured beforehand on a quiet machine
+        ups = int(fixed) / a.budget
+    else:
+        cal = f"{work}/{tag}_calibrate"
+        shutil.rmtree(cal, ignore_errors=True)
+        os.makedirs(cal)
+        run_logged(pretrain_command(method, data, f"{cal}/ckpt", f"{cal}/hydra", a.calibrate, a.seed, a), f"{cal}/log", method)
+        ups = updates_per_second(f"{cal}/log")
+    updates = max(10, int(a.budget * ups))
     shutil.rmtree(save, ignore_errors=True)
     seconds = run_logged(pretrain_command(method, data, save, f"{work}/{tag}_hydra", updates, a.seed, a), log, method)
+    with open(f"{save}/run.json", "w") as f:
+        json.dump({"calibrated_ups": ups, "planned_updates": updates, "seconds": round(seconds, 1)}, f)
+    return finished_pretraining(method, data, save, log, a)
+
+
+def finished_pretraining(method: str, data: str, save: str, log: str, a) -> dict:
+    run = json.load(open(f"{save}/run.json"))
     done = re.findall(r"num_updates[=\s|]+(\d+)", open(log).read())
     ckpt = f"{save}/checkpoint_last.pt"
     if not method.startswith("d2v"):
@@ -164,12 +182,17 @@ def pretrain_method(method: str, data: str, work: str, a) -> dict:
             "--spm", f"{data}/spm.model"])
         ckpt = converted
     curve = losses(log) or [(int(u), float(v)) for v, u in re.findall(r"loss=([\d.]+).*?num_updates=(\d+)", open(log).read())]
-    return {"checkpoint": ckpt, "calibrated_ups": ups, "planned_updates": updates,
-            "updates": int(done[-1]) if done else 0, "seconds": round(seconds, 1), "loss_curve": curve,
-            "command": " ".join(pretrain_command(method, data, save, f"{work}/{tag}_hydra", updates, a.seed, a))}
+    hydra_dir = save[: -len("_pretrain")] + "_hydra"
+    return {"checkpoint": ckpt, **run, "updates": int(done[-1]) if done else 0, "loss_curve": curve,
+            "command": " ".join(pretrain_command(method, data, save, hydra_dir, run["planned_updates"], a.seed, a))}
 
 
 def finetune(ckpt: str, random_init: bool, seed: int, cls: str, work: str, tag: str, a) -> float:
+    done = f"{work}/{tag}_test.log"
+    if os.path.isfile(done) and os.path.getmtime(done) > os.path.getmtime(ckpt):
+        line = [x for x in open(done).read().splitlines() if "valid on 'test' subset" in x]
+        if line:
+            return float(re.search(r"\| top1 ([\d.]+)", line[-1]).group(1))
     save = f"{work}/{tag}_ft"
     shutil.rmtree(save, ignore_errors=True)
     hydra_train("config/finetune/text", "tiny", f"{work}/{tag}_ft_hydra", f"{work}/{tag}_ft.log", f"task.data={cls}",
@@ -231,7 +254,11 @@ def main():
     ap.add_argument("--seed", type=int, default=1, help="pretraining seed")
     ap.add_argument("--labelled", type=int, default=2000, help="labelled training snippets")
     ap.add_argument("--ft-updates", type=int, default=400, help="fine-tuning updates per run")
-    ap.add_argument("--set", action="append", default=[], help="KEY=VALUE override of the d2v_* pretraining (repeatable)")
+    ap.add_argument("--set", action="append", default=[],
+                    help="KEY=VALUE override of the data2vec pretraining (repeatable); model.* keys of the tiny YAML "
+                         "apply to the official code too")
+    ap.add_argument("--updates", action="append", default=[], metavar="METHOD=N",
+                    help="pretraining updates of METHOD instead of calibrating (N = budget x its quiet-machine updates/s)")
     ap.add_argument("--ft-set", action="append", default=[], help="KEY=VALUE override of the fine-tuning (repeatable)")
     ap.add_argument("--roberta-lr", type=float, default=0.0, help="RoBERTa's peak lr (default: the tiny YAML's)")
     ap.add_argument("--tag", default="", help="suffix of this run's folders and JSON keys (recipe variants)")
@@ -253,8 +280,10 @@ def main():
         r = pretrain_method(method, data, ctl, a)
         r["finetune"] = spread([finetune(r["checkpoint"], False, s, cls, ctl, f"{key}_s{s}", a) for s in seeds])
         r["probe"] = probe(r["checkpoint"], raw)
-        r["set"] = a.set if method.startswith("d2v") else []
+        r["set"] = a.set if method != "roberta" else []
         results[key] = r
+        with open(a.out, "w") as f:
+            json.dump(results, f, indent=1)
         print(f"{key}: {r['updates']} updates in {r['seconds']:.0f} s; fine-tuned {r['finetune']}; probe {r['probe']}", flush=True)
         if not a.no_baseline and f"random_{ARCH[method]}" not in results:
             results[f"random_{ARCH[method]}"] = {

@@ -11,26 +11,16 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
-from fairseq.dataclass import FairseqDataclass
 from fairseq.logging import metrics
-from omegaconf import II
 from omegaconf.errors import MissingMandatoryValue
 
 from ..fairseq_utils import set_cfg_field, unwrap
+from .run_config import RunConfig  # noqa: F401  (re-exported: the task configs' base)
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class RunConfig(FairseqDataclass):
-    max_update: int = field(
-        default=II("optimization.max_update"),
-        metadata={"help": "set from optimization.max_update (leave it): the total of the progress and ETA meters"},
-    )
 
 
 class RunFeedbackMixin:
@@ -60,7 +50,7 @@ class RunFeedbackMixin:
         if not self._recent or self._recent[-1][0] != update_num:
             self._recent.append((update_num, time.perf_counter()))
         self._update = update_num + 1
-        total = getattr(self.cfg, "max_update", 0)
+        total = getattr(self.cfg, "progress_total", 0)
         total = total if isinstance(total, int) else 0
         if total > 0:
             metrics.log_scalar("done_pct", 100.0 * self._update / total, weight=0, priority=1000, round=1)
