@@ -291,3 +291,29 @@ def test_every_run_ends_with_a_plot_of_its_logged_numbers(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "d2v_plugin.plot", str(tmp_path / "empty.log"), "--out", str(tmp_path / "x.png")],
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "no training log line" in bad.stderr and not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_ranks_match_update_freq_2(corpora, tmp_path):
+    """As users launch it: `torchrun --nproc_per_node 2 -m fairseq_cli.hydra_train ...` (torchrun's
+    RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT, read through env://), gloo on CPU; the
+    result equals one process with update_freq 2."""
+    base = modality_run("text", corpora["text"], tmp_path)[1:]  # without the fairseq-hydra-train path
+    single = run([os.path.join(BIN, "fairseq-hydra-train"), *base, f"checkpoint.save_dir={tmp_path / 'single'}",
+                  f"hydra.run.dir={tmp_path / 'h_single'}", "optimization.update_freq=[2]"])
+    assert "done training" in single
+    log = run([os.path.join(BIN, "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
+               "-m", "fairseq_cli.hydra_train", *base, f"checkpoint.save_dir={tmp_path / 'ddp'}",
+               f"hydra.run.dir={tmp_path}/h_ddp" + "${oc.env:LOCAL_RANK}", "distributed_training.distributed_world_size=2",
+               "distributed_training.distributed_backend=gloo", "common.cpu=true",
+               # on CPU fairseq's torchrun inference divides by torch.cuda.device_count(): give it the env:// init
+               "distributed_training.distributed_init_method=env://", "distributed_training.distributed_rank=${oc.env:RANK}",
+               "distributed_training.distributed_no_spawn=true"])
+    assert "the teacher is identical on all 2 ranks" in log
+    a = torch.load(tmp_path / "single" / "checkpoint_last.pt", weights_only=False)["model"]
+    b = torch.load(tmp_path / "ddp" / "checkpoint_last.pt", weights_only=False)["model"]
+    for key, value in a.items():
+        pairs = value.items() if key == "_ema" else [(key, value)]
+        for k, t in pairs:
+            other = b["_ema"][k] if key == "_ema" else b[k]
+            assert torch.allclose(t, other, atol=1e-4, rtol=1e-3), f"{key}/{k}: {(t - other).abs().max():.3g}"
