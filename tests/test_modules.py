@@ -352,3 +352,16 @@ def test_channels_last_conv_equals_the_plain_convolution():
         ref = conv(x.movedim(-1, 1)).movedim(1, -1)
         assert y.shape == ref.shape and y.is_contiguous()
         assert torch.allclose(y, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("algorithm", ["v1", "v2"])
+def test_no_false_shared_parameter_reports(algorithm):
+    """fairseq's trainer logs "detected shared parameter" for parameters that share storage;
+    None entries (bias-free convs, the teacher's dropped mask_emb) used to count as shared."""
+    from fairseq.trainer import _catalog_shared_params
+
+    from d2v_plugin.models.d2v_multi import D2vMultiModel
+
+    from .conftest import tiny_cfg
+
+    assert _catalog_shared_params(D2vMultiModel(tiny_cfg(algorithm=algorithm))) == []

@@ -27,8 +27,9 @@ def teacher_view(module: nn.Module, drop_modules: Iterable[str] = (), drop_param
     twin._parameters = dict(module._parameters)
     for name in drop_modules:
         twin._modules[name] = None
-    for name in drop_params:
-        twin._parameters[name] = None
+    for name in drop_params:  # a plain None attribute: a None *parameter* entry would look shared to
+        twin._parameters.pop(name, None)  # fairseq's trainer ("detected shared parameter" lines)
+        twin.__dict__[name] = None
     return twin
 
 

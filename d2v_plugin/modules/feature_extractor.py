@@ -75,6 +75,9 @@ class ConvLayer(nn.Module):
     def __init__(self, in_dim: int, spec: ConvLayerSpec, norm: Optional[str], dropout: float):
         super().__init__()
         self.conv = nn.Conv1d(in_dim, spec.dim, spec.kernel, stride=spec.stride, bias=False)
+        # no bias *entry* either: fairseq's trainer reports every pair of None parameters as shared
+        del self.conv._parameters["bias"]
+        self.conv.__dict__["bias"] = None
         nn.init.kaiming_normal_(self.conv.weight)
         self.norm_kind = norm
         if norm == "layer_norm":
