@@ -6,8 +6,9 @@
 Every pretraining and fine-tuning run writes ``training_curves.png`` (and the numbers,
 ``training_curves.json``) into its ``checkpoint.save_dir`` when it ends, from the very
 lines it logged (:class:`RunRecorder`; with ``common.log_format=tqdm`` fairseq shows a bar
-instead of the per-interval lines, and the curves hold only the epoch and validation points). The PNG needs matplotlib: ``pip install -e '.[plot]'``
-(``make venv`` installs it); without it the JSON is still written.
+instead of the per-interval lines, and the curves hold only the epoch and validation
+points). The PNG needs matplotlib: ``pip install -e '.[plot]'`` (``make venv`` installs
+it); without it the JSON is still written.
 """
 from __future__ import annotations
 
