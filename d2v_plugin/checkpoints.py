@@ -88,15 +88,18 @@ def describe_unreadable(path: str, error: BaseException) -> str:
     return f"{path} is not a PyTorch checkpoint (it starts with {text!r})"
 
 
-def load_checkpoint(path: str, need: str) -> dict:
+def load_checkpoint(path: str, need: str, upgrade: bool = True) -> dict:
     """fairseq's ``load_checkpoint_to_cpu`` with one-line errors: ``need`` says what the
-    command expects (e.g. "a d2v_plugin pretraining checkpoint (checkpoint_last.pt)")."""
+    command expects (e.g. "a d2v_plugin pretraining checkpoint (checkpoint_last.pt)").
+    ``upgrade=False``: torch's safe loader only, without fairseq's upgrade of old layouts
+    (conversion reads ``cfg`` and ``model`` and nothing else, so trimmed checkpoints do)."""
     from fairseq import checkpoint_utils
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found; {need} is needed")
     try:
-        ckpt = checkpoint_utils.load_checkpoint_to_cpu(path)
+        ckpt = (checkpoint_utils.load_checkpoint_to_cpu(path) if upgrade
+                else torch.load(path, map_location="cpu", weights_only=True))
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, KeyError, ... for bad files
         try:
             obj, readable = torch.load(path, map_location="cpu", weights_only=True), True

@@ -23,7 +23,7 @@ def main(argv=None) -> None:
     from .checkpoints import CheckpointError, load_checkpoint
 
     try:
-        ckpt = load_checkpoint(a.from_fairseq, "an official data2vec or fairseq RoBERTa checkpoint")
+        ckpt = load_checkpoint(a.from_fairseq, "an official data2vec or fairseq RoBERTa checkpoint", upgrade=False)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}")
     read = lambda p: open(p, "rb").read() if p else b""  # noqa: E731
