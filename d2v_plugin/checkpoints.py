@@ -69,7 +69,8 @@ class CheckpointError(ValueError):
 
 
 def describe_unreadable(path: str, error: BaseException) -> str:
-    """What a file that torch could not load is, in one line (empty, truncated, not a checkpoint)."""
+    """What a file that torch's safe loader could not read is, in one line (empty, truncated,
+    not a checkpoint, or a pickle of objects a fairseq checkpoint does not hold)."""
     import zipfile
 
     size = os.path.getsize(path)
@@ -77,6 +78,9 @@ def describe_unreadable(path: str, error: BaseException) -> str:
         return f"{path} is empty (0 bytes)"
     with open(path, "rb") as f:
         head = f.read(16)
+    glob = next((line.strip() for line in str(error).splitlines() if "GLOBAL" in line or "global" in line), "")
+    if head[:2] in (b"PK", b"\x80\x02") and glob and "Weights only load failed" in str(error):
+        return f"{path} holds Python objects that a fairseq checkpoint does not ({glob[:160]})"
     if head[:2] == b"PK":  # torch's zip format
         if not zipfile.is_zipfile(path):
             return (f"{path} is truncated or corrupted ({size:,} bytes of a zip archive whose end is missing; "
@@ -88,6 +92,15 @@ def describe_unreadable(path: str, error: BaseException) -> str:
     return f"{path} is not a PyTorch checkpoint (it starts with {text!r})"
 
 
+def _safe_load(path: str, need: str) -> dict:
+    """torch's safe loader, a fairseq checkpoint's ``model`` entry required; one-line errors."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for bad files
+        raise CheckpointError(f"{describe_unreadable(path, e)}; {need} is needed") from None
+    return _require_model(path, ckpt, need)
+
+
 def load_checkpoint(path: str, need: str, upgrade: bool = True) -> dict:
     """fairseq's ``load_checkpoint_to_cpu`` with one-line errors: ``need`` says what the
     command expects (e.g. "a d2v_plugin pretraining checkpoint (checkpoint_last.pt)").
@@ -97,30 +110,20 @@ def load_checkpoint(path: str, need: str, upgrade: bool = True) -> dict:
 
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found; {need} is needed")
+    if not upgrade:
+        return _safe_load(path, need)
     try:
-        ckpt = (checkpoint_utils.load_checkpoint_to_cpu(path) if upgrade
-                else torch.load(path, map_location="cpu", weights_only=True))
-    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, KeyError, ... for bad files
-        try:
-            obj, readable = torch.load(path, map_location="cpu", weights_only=True), True
-        except Exception:
-            obj, readable = None, False
-        if readable and not (isinstance(obj, dict) and "model" in obj):
-            raise CheckpointError(f"{path} is a torch file but not a fairseq checkpoint ({_kind(obj)}, no 'model' entry); "
-                                  f"{need} is needed") from None
-        if readable:  # torch reads it; fairseq's upgrade of an old/partial layout failed
-            raise CheckpointError(f"{path} is a torch file but not a complete fairseq checkpoint (fairseq could not "
-                                  f"read it: {type(e).__name__} {str(e).splitlines()[0][:120]}); {need} is needed") from None
-        glob = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "global" in line), "")
-        if "Weights only load failed" in str(e) and glob and os.path.getsize(path) and open(path, "rb").read(2) in (b"PK", b"\x80\x02"):
-            raise CheckpointError(f"{path} holds Python objects that a fairseq checkpoint does not ({glob[:160]}); "
-                                  f"{need} is needed") from None
-        raise CheckpointError(f"{describe_unreadable(path, e)}; {need} is needed") from None
+        ckpt = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except Exception as e:  # say why: torch cannot read it, it is no fairseq checkpoint, or fairseq's upgrade failed
+        _safe_load(path, need)
+        raise CheckpointError(f"{path} is a torch file but not a complete fairseq checkpoint (fairseq could not "
+                              f"read it: {type(e).__name__} {str(e).splitlines()[0][:120]}); {need} is needed") from None
+    return _require_model(path, ckpt, need)
+
+
+def _require_model(path: str, ckpt, need: str) -> dict:
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise CheckpointError(f"{path} is a torch file but not a fairseq checkpoint ({_kind(ckpt)}, no 'model' entry); "
+        kind = f"a dict with keys {sorted(map(str, ckpt))[:6]}" if isinstance(ckpt, dict) else f"a {type(ckpt).__name__}"
+        raise CheckpointError(f"{path} is a torch file but not a fairseq checkpoint ({kind}, no 'model' entry); "
                               f"{need} is needed")
     return ckpt
-
-
-def _kind(obj) -> str:
-    return f"a dict with keys {sorted(map(str, obj))[:6]}" if isinstance(obj, dict) else f"a {type(obj).__name__}"

@@ -417,6 +417,8 @@ def model_name(cfg) -> str:
     model = vars(model) if isinstance(model, argparse.Namespace) else (model or {})
     name = model.get("_name")
     return "roberta" if isinstance(name, str) and name.startswith("roberta") else name
+
+
 _EMBED_KEYS = ("modality_encoders.TEXT.local_encoder.embed_tokens.weight", "encoder.sentence_encoder.embed_tokens.weight")
 
 

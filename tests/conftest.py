@@ -67,6 +67,16 @@ def train_args(data, *extra):
             "--max-tokens", "100000", "--num-workers", "0", "--seed", "1", *TINY_FLAGS, *extra]
 
 
+def fairseq_checkpoint(path, cfg, state, criterion="D2vCriterion"):
+    """What fairseq's save_checkpoint writes (the entries its loader upgrades) -> str(path)."""
+    import torch
+
+    torch.save({"cfg": cfg, "model": state, "extra_state": {"train_iterator": {"epoch": 1}}, "last_optimizer_state": None,
+                "optimizer_history": [{"criterion_name": criterion, "optimizer_name": "Adam",
+                                       "lr_scheduler_state": {}, "num_updates": 1}]}, path)
+    return str(path)
+
+
 def run(cmd, cwd=REPO):
     proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -21,7 +21,7 @@ from d2v_plugin.prep.image_folder import write_lists
 from d2v_plugin.prep.text import prepare as prepare_text
 from d2v_plugin.userdir import user_dir
 
-from .conftest import BIN, REPO, tiny_cfg
+from .conftest import BIN, REPO, fairseq_checkpoint, tiny_cfg
 
 AUDIO_FIX = "rebuild the list with d2v_plugin.prep.audio_manifest"
 
@@ -277,6 +277,7 @@ def test_config_field_missing_from_the_yaml_is_a_plain_override(tmp_path):
 
 def test_config_shipped_yamls_list_every_field():
     """d2v_plugin/conf holds every field of every dataclass a shipped YAML names, and is current."""
+    from d2v_plugin.hydra_defaults import KINDS
     from d2v_plugin.hydra_defaults import main as defaults_main
 
     defaults_main(["--check"])
@@ -292,8 +293,7 @@ def test_config_shipped_yamls_list_every_field():
                     (group, value), = entry.items()
                     listed.add(group.split("@")[1])
                     assert value == cfg[group.split("@")[1]]["_name"], (name, group)
-            assert listed == {k for k in ("task", "model", "criterion", "optimizer", "lr_scheduler")
-                              if isinstance(cfg.get(k), type(cfg)) and cfg[k].get("_name")}, name
+            assert listed == {k for k in KINDS if isinstance(cfg.get(k), type(cfg)) and cfg[k].get("_name")}, name
 
 
 def test_config_typo_names_the_closest_field():
@@ -360,14 +360,6 @@ def tiny_audio_checkpoint(path, nan=False):
                  for k, v in state.items()}
     return fairseq_checkpoint(path, {"model": {**dataclasses.asdict(cfg), "_name": "d2v_multi"},
                                      "task": {"_name": "d2v_audio_pretraining", "normalize": True, "sample_rate": 16000}}, state)
-
-
-def fairseq_checkpoint(path, cfg, state):
-    """What fairseq's save_checkpoint writes (the entries its loader upgrades)."""
-    torch.save({"cfg": cfg, "model": state, "extra_state": {"train_iterator": {"epoch": 1}}, "last_optimizer_state": None,
-                "optimizer_history": [{"criterion_name": "D2vCriterion", "optimizer_name": "Adam",
-                                       "lr_scheduler_state": {}, "num_updates": 1}]}, path)
-    return str(path)
 
 
 def test_checkpoint_not_a_checkpoint_truncated_or_wrong_kind(tmp_path):

@@ -11,7 +11,7 @@ import d2v_plugin
 from d2v_plugin.convert import main as convert_main
 from d2v_plugin.userdir import user_dir
 
-from .conftest import BIN, REPO, run
+from .conftest import BIN, REPO, fairseq_checkpoint, run
 from .test_golden import MODEL_FILES
 
 NAMES = {"data2vec2": "data2vec_multi", "data2vec1_audio": "data2vec_audio", "data2vec1_text": "data2vec_text"}
@@ -20,11 +20,9 @@ NAMES = {"data2vec2": "data2vec_multi", "data2vec1_audio": "data2vec_audio", "da
 def official_checkpoint(fixture, path):
     """What fairseq saves for the official model: cfg.model (with _name), model (with the teacher)."""
     r = torch.load(fixture, weights_only=True)
-    torch.save({"cfg": {"model": {**r["config"], "_name": NAMES[r["family"]]}, "task": {"_name": "audio_pretraining",
-                                                                                     "data": "/gone", "normalize": False}},
-                "model": r["state_dict"], "extra_state": {"train_iterator": {"epoch": 1}}, "last_optimizer_state": None,
-                "optimizer_history": [{"criterion_name": "ModelCriterion", "optimizer_name": "Adam",
-                                       "lr_scheduler_state": {}, "num_updates": 1}]}, path)
+    fairseq_checkpoint(path, {"model": {**r["config"], "_name": NAMES[r["family"]]},
+                              "task": {"_name": "audio_pretraining", "data": "/gone", "normalize": False}},
+                       r["state_dict"], criterion="ModelCriterion")
     return r
 
 

@@ -113,6 +113,17 @@ def modality_run(modality: str, data, tmp_path):
             "--config-name", "tiny_v2", f"task.data={data}", f"common.user_dir={user_dir()}", *small]
 
 
+def assert_same_student_and_teacher(dir_a, dir_b):
+    """checkpoint_last.pt of two runs: every student and teacher (_ema) tensor within 1e-4 / 1e-3."""
+    a = torch.load(dir_a / "checkpoint_last.pt", weights_only=False)["model"]
+    b = torch.load(dir_b / "checkpoint_last.pt", weights_only=False)["model"]
+    for key, value in a.items():
+        pairs = value.items() if key == "_ema" else [(key, value)]
+        for k, t in pairs:
+            other = b["_ema"][k] if key == "_ema" else b[k]
+            assert torch.allclose(t, other, atol=1e-4, rtol=1e-3), f"{key}/{k}: {(t - other).abs().max():.3g}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("modality", ["audio", "image", "text"])
 def test_two_gloo_ranks_match_update_freq_2(corpora, tmp_path, modality):
@@ -132,13 +143,7 @@ def test_two_gloo_ranks_match_update_freq_2(corpora, tmp_path, modality):
     logs = [p.communicate(timeout=600)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), logs[0][-3000:] + logs[1][-3000:]
     assert "the teacher is identical on all 2 ranks" in logs[0] and "update 4: the teacher" in logs[0]
-    a = torch.load(tmp_path / "single" / "checkpoint_last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "ddp" / "checkpoint_last.pt", weights_only=False)["model"]
-    for key, value in a.items():
-        pairs = value.items() if key == "_ema" else [(key, value)]
-        for k, t in pairs:
-            other = b["_ema"][k] if key == "_ema" else b[k]
-            assert torch.allclose(t, other, atol=1e-4, rtol=1e-3), f"{key}/{k}: {(t - other).abs().max():.3g}"
+    assert_same_student_and_teacher(tmp_path / "single", tmp_path / "ddp")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -229,21 +234,27 @@ def test_nan_loss_never_reaches_the_teacher(speech_corpus, tmp_path):
     assert model.ema_steps == 1
 
 
+def tiny_text_run(tmp_path, save, *overrides):
+    """A 200-line text corpus in tmp_path/data and the fairseq-hydra-train command of a tiny
+    tiny_v2 run on it (32-token blocks of 4) saving to ``save``."""
+    from d2v_plugin.prep.text import prepare as prepare_text
+
+    (tmp_path / "raw.txt").write_text("".join(f"line {i} with a few words {i % 7} more words\n" for i in range(200)))
+    prepare_text(str(tmp_path / "raw.txt"), str(tmp_path / "data"), vocab_size=60, valid_percent=0.05)
+    return [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/pretrain/text"),
+            "--config-name", "tiny_v2", f"task.data={tmp_path / 'data'}", f"common.user_dir={REPO}/d2v_plugin",
+            f"checkpoint.save_dir={save}", f"hydra.run.dir={tmp_path / 'h'}", "task.tokens_per_sample=32",
+            "model.text_max_positions=32", "dataset.batch_size=4", *overrides]
+
+
 @pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_naming_the_checkpoint_and_the_resume_command(tmp_path):
     """Ctrl-C (SIGINT to the whole process group, as a terminal sends it) during training:
     exit 130, no traceback, one line with the last checkpoint and the command to resume;
     the progress meters and the EMA decay appear in the log lines as they are."""
-    from d2v_plugin.prep.text import prepare as prepare_text
-
-    (tmp_path / "raw.txt").write_text("".join(f"line {i} with a few words {i % 7} more words\n" for i in range(200)))
-    prepare_text(str(tmp_path / "raw.txt"), str(tmp_path / "data"), vocab_size=60, valid_percent=0.05)
     save = tmp_path / "ck"
-    cmd = [os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/pretrain/text"),
-           "--config-name", "tiny_v2", f"task.data={tmp_path / 'data'}", f"common.user_dir={REPO}/d2v_plugin",
-           f"checkpoint.save_dir={save}", f"hydra.run.dir={tmp_path / 'h'}", "optimization.max_update=100000",
-           "checkpoint.save_interval_updates=3", "common.log_interval=2", "dataset.num_workers=1",
-           "task.tokens_per_sample=32", "model.text_max_positions=32", "dataset.batch_size=4"]
+    cmd = tiny_text_run(tmp_path, save, "optimization.max_update=100000", "checkpoint.save_interval_updates=3",
+                        "common.log_interval=2", "dataset.num_workers=1")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.time() + 300
     while not (save / "checkpoint_last.pt").exists() and time.time() < deadline and proc.poll() is None:
@@ -268,16 +279,10 @@ def test_every_run_ends_with_a_plot_of_its_logged_numbers(tmp_path):
     from PIL import Image
 
     from d2v_plugin.plot import curves_from_lines
-    from d2v_plugin.prep.text import prepare as prepare_text
 
-    (tmp_path / "raw.txt").write_text("".join(f"line {i} with a few words {i % 7} more words\n" for i in range(200)))
-    prepare_text(str(tmp_path / "raw.txt"), str(tmp_path / "data"), vocab_size=60, valid_percent=0.05)
     save = tmp_path / "ck"
-    log = run([os.path.join(BIN, "fairseq-hydra-train"), "--config-dir", os.path.join(REPO, "config/pretrain/text"),
-               "--config-name", "tiny_v2", f"task.data={tmp_path / 'data'}", f"common.user_dir={REPO}/d2v_plugin",
-               f"checkpoint.save_dir={save}", f"hydra.run.dir={tmp_path / 'h'}", "optimization.max_update=12",
-               "common.log_interval=3", "dataset.validate_interval_updates=6", "dataset.num_workers=0",
-               "task.tokens_per_sample=32", "model.text_max_positions=32", "dataset.batch_size=4"])
+    log = run(tiny_text_run(tmp_path, save, "optimization.max_update=12", "common.log_interval=3",
+                            "dataset.validate_interval_updates=6", "dataset.num_workers=0"))
     saved = json.load(open(save / "training_curves.json"))
     logged = curves_from_lines(log.splitlines())
     assert [u for u, _ in saved["train"]["loss"]] == [3, 6, 9, 12] and [u for u, _ in saved["valid"]["loss"]] == [6, 12]
@@ -310,10 +315,4 @@ def test_torchrun_two_cpu_ranks_match_update_freq_2(corpora, tmp_path):
                "distributed_training.distributed_init_method=env://", "distributed_training.distributed_rank=${oc.env:RANK}",
                "distributed_training.distributed_no_spawn=true"])
     assert "the teacher is identical on all 2 ranks" in log
-    a = torch.load(tmp_path / "single" / "checkpoint_last.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "ddp" / "checkpoint_last.pt", weights_only=False)["model"]
-    for key, value in a.items():
-        pairs = value.items() if key == "_ema" else [(key, value)]
-        for k, t in pairs:
-            other = b["_ema"][k] if key == "_ema" else b[k]
-            assert torch.allclose(t, other, atol=1e-4, rtol=1e-3), f"{key}/{k}: {(t - other).abs().max():.3g}"
+    assert_same_student_and_teacher(tmp_path / "single", tmp_path / "ddp")
