@@ -162,7 +162,7 @@ def test_v1_corruption_is_bert_80_10_10():
 
 def test_v1_student_reads_masks_teacher_reads_clean_sentence():
     torch.manual_seed(0)
-    model = tiny_text_model().train()
+    model = tiny_text_model(text_keep_ends=True).train()
     seen = {}
     model.modality_encoders["text"].embed_tokens.register_forward_hook(lambda m, i, o: seen.setdefault("student", []).append(i[0]))
     model.teacher.modality_encoders["text"].embed_tokens.register_forward_hook(lambda m, i, o: seen.__setitem__("teacher", i[0]))
@@ -180,3 +180,21 @@ def test_v1_student_reads_masks_teacher_reads_clean_sentence():
     t_emb = model.teacher.modality_encoders["text"].embed_tokens.weight
     assert torch.equal(t_emb, model.modality_encoders["text"].embed_tokens.weight)
     assert not torch.equal(model.teacher.blocks[0].mlp.fc1.weight, model.blocks[0].mlp.fc1.weight)
+
+
+def test_text_masks_reach_every_position_by_default():
+    """As in the official code and fairseq's masked LM, <s> and the last token are masked
+    like any other position (``text_keep_ends`` false): <s> gets regression targets, and
+    its output is what sentence classifiers read. Sparing it cost 6.9 points of sentiment
+    accuracy at demo scale (README, Text)."""
+    from d2v_plugin.models.d2v_multi import D2vMultiModel
+
+    for algorithm, extra in (("v2", dict(clone_batch=4)), ("v1", dict(clone_batch=1))):
+        model = D2vMultiModel(tiny_cfg(modalities="text", algorithm=algorithm, text_vocab_size=50, text_mask_index=49,
+                                       text_max_positions=32, text_mask_type="random", text_mask_prob=0.5, **extra))
+        masking = model.modality_encoders["text"].masking
+        assert masking.keep_ends is False
+        m = masking(torch.full((400,), 20), 20, torch.Generator().manual_seed(0))
+        assert m.sum(1).eq(10).all()  # int(20 * 0.5) of all 20 positions
+        first, last = m[:, 0].float().mean(), m[:, 19].float().mean()
+        assert 0.4 < first < 0.6 and 0.4 < last < 0.6  # <s> and the last token: masked like the rest

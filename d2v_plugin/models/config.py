@@ -147,6 +147,12 @@ class TextEncoderConfig(FairseqDataclass):
     )
     text_mask_prob: float = field(default=0.48, metadata={"help": "fraction of tokens masked (v2 base 0.48, large 0.5)"})
     text_mask_length: int = field(default=1, metadata={"help": "span length (random masking: 1)"})
+    text_keep_ends: bool = field(
+        default=False,
+        metadata={"help": "never mask a block's first and last position (<s>, </s>); false: every position can be masked, "
+                          "as in the official code and fairseq's masked LM (<s> then gets targets, and its output is what "
+                          "sentence classifiers read)"},
+    )
     text_mask_prob_adjust: float = field(
         default=0.0, metadata={"help": "unused: no text mask type draws extra blocks (kept so older configs load)"}
     )

@@ -73,6 +73,7 @@ class TextSettings:
     mask_type: str
     mask_prob: float
     mask_length: int
+    keep_ends: bool
     leave_unmasked_prob: float
     random_token_prob: float
     ema_encoder_only: bool

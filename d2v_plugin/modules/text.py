@@ -61,7 +61,7 @@ class TextEncoder(ModalityEncoder):
         self.context = ContextEncoder(D, s.norm_eps, t.prenet_dropout, prenet,
                                       s.layer_norm_first or t.prenet_depth == 0)
         self.masking = MaskSettings(t.mask_type, t.mask_prob, t.mask_length, 0.0, s.clone_batch,
-                                    keep_ends=True)  # <s> and </s> stay visible
+                                    keep_ends=t.keep_ends)
         self.decoder = ConvDecoder.from_settings(D, t.decoder) if s.algorithm == "v2" else None
         self.teacher_blocks_only = s.algorithm == "v2" and t.ema_encoder_only
         # v1: the student reads corrupted ids, the teacher embeds the clean ones with copies of
@@ -69,6 +69,10 @@ class TextEncoder(ModalityEncoder):
         self.corrupts_tokens = s.algorithm == "v1"
         self.zero_padding = s.algorithm == "v1"  # padded embeddings are zeros, as fairseq's TransformerEncoder
         self.ema_copied = ("embed_tokens", "embed_positions", "layernorm_embedding") if s.algorithm == "v1" else ()
+
+    def reset_parameters(self) -> None:
+        """Nothing after BERT init: unlike speech and images, the reference's text encoder
+        keeps the decoder projection at N(0, 0.02)."""
 
     def local_features(self, source: Tensor, padding_mask: Optional[Tensor] = None) -> Tuple[Tensor, Optional[Tensor]]:
         """source: (B, T) token ids -> (B, T, D), padding (B, T) | None (True = padding)."""
