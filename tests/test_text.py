@@ -185,8 +185,7 @@ def test_v1_student_reads_masks_teacher_reads_clean_sentence():
 def test_text_masks_reach_every_position_by_default():
     """As in the official code and fairseq's masked LM, <s> and the last token are masked
     like any other position (``text_keep_ends`` false): <s> gets regression targets, and
-    its output is what sentence classifiers read. Sparing it cost 6.9 points of sentiment
-    accuracy at demo scale (README, Text)."""
+    its output is what sentence classifiers read."""
     from d2v_plugin.models.d2v_multi import D2vMultiModel
 
     for algorithm, extra in (("v2", dict(clone_batch=4)), ("v1", dict(clone_batch=1))):

@@ -18,7 +18,8 @@ any process. Padding (positions >= a row's length) is never masked.
   patches with random area and aspect ratio in [0.3, 1/0.3] until ``int(L * p)``
   patches are masked (topped up at random when no rectangle fits any more).
 * ``random_mask_1d`` (data2vec 2.0 text, BERT): exactly ``int(n * mask_prob)`` of a row's n
-  positions, uniformly. Text masks spare a sentence's ``<s>`` and ``</s>`` (``keep_ends``).
+  positions, uniformly. With ``keep_ends`` a text mask spares a row's first and last
+  position (``<s>``, ``</s>``); by default every position can be masked, as in the official code.
 * ``kept_positions``: where the unmasked tokens are, in increasing time order.
 """
 from __future__ import annotations
