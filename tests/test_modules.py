@@ -336,7 +336,10 @@ def test_text_positions_follow_fairseq_convention():
         enc.local_features(torch.zeros(1, 9, dtype=torch.long))
     assert list(model.teacher.state_dict()) == [k for k in model.teacher.state_dict() if k.startswith("blocks.")]
     out = model(tokens)
-    assert out["sample_size"] == 1 * 2 + 0 * 2  # int((4-2)*0.5) + int((3-2)*0.5), per view (clone_batch 2)
+    assert out["sample_size"] == 2 * 2 + 1 * 2  # int(4 * 0.5) + int(3 * 0.5) real tokens, per view (clone_batch 2)
+    spare = D2vMultiModel(tiny_cfg(modalities="text", text_vocab_size=10, text_max_positions=8, text_decoder_dim=16,
+                                   text_decoder_layers=1, text_mask_prob=0.5, text_keep_ends=True, audio_decoder_groups=4))
+    assert spare(tokens)["sample_size"] == 1 * 2 + 0 * 2  # int((4-2)*0.5) + int((3-2)*0.5): <s>, </s> spared
 
 
 def test_channels_last_conv_equals_the_plain_convolution():
