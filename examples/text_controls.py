@@ -22,7 +22,8 @@ as the hard limit). Every checkpoint is then scored the same way:
 * fine-tuning: config/finetune/text/tiny.yaml on the 2,000 labelled snippets, one run per
   ``--seeds``, scored on the held-out movies with `fairseq-validate` (accuracy); random
   initialisation of each architecture (2.0 blocks; 1.0 / RoBERTa) with the same seeds is
-  the baseline;
+  the baseline; the best validation accuracy is recorded beside it, to choose between
+  fine-tuning variants (``--ft-set``, e.g. the lr) on the validation movies;
 * a frozen-encoder probe: the mean-pooled output of every block, logistic regression on
   the 2,000 labelled snippets; the block is chosen on the validation movies, and its test
   accuracy reported.
@@ -189,21 +190,40 @@ def finished_pretraining(method: str, data: str, save: str, log: str, a) -> dict
             "command": " ".join(pretrain_command(method, data, save, hydra_dir, run["planned_updates"], a.seed, a))}
 
 
-def finetune(ckpt: str, random_init: bool, seed: int, cls: str, work: str, tag: str, a) -> float:
-    done = f"{work}/{tag}_test.log"
+def finetune_variant(ft_set: list) -> str:
+    """Folder/key suffix of a fine-tuning variant (``--ft-set``), so that runs with other
+    fine-tuning settings neither reuse nor overwrite each other's logs and results."""
+    return "".join("_" + re.sub(r"[^\w.=-]+", "", kv) for kv in ft_set)
+
+
+def best_valid(log: str) -> float:
+    """The best validation accuracy of a fine-tuning log (what checkpoint_best was chosen by)."""
+    return float(re.findall(r"best_top1 ([\d.]+)", open(log).read())[-1])
+
+
+def finetune(ckpt: str, random_init: bool, seed: int, cls: str, work: str, tag: str, a) -> tuple:
+    """-> (test accuracy, best validation accuracy) of one fine-tuning run (reused when its logs
+    are newer than the checkpoint)."""
+    done, log = f"{work}/{tag}_test.log", f"{work}/{tag}_ft.log"
     if os.path.isfile(done) and os.path.getmtime(done) > os.path.getmtime(ckpt):
         line = [x for x in open(done).read().splitlines() if "valid on 'test' subset" in x]
         if line:
-            return float(re.search(r"\| top1 ([\d.]+)", line[-1]).group(1))
+            return float(re.search(r"\| top1 ([\d.]+)", line[-1]).group(1)), best_valid(log)
     save = f"{work}/{tag}_ft"
     shutil.rmtree(save, ignore_errors=True)
-    hydra_train("config/finetune/text", "tiny", f"{work}/{tag}_ft_hydra", f"{work}/{tag}_ft.log", f"task.data={cls}",
+    hydra_train("config/finetune/text", "tiny", f"{work}/{tag}_ft_hydra", log, f"task.data={cls}",
                 f"model.pretrained_path={ckpt}", f"model.random_init={str(random_init).lower()}",
                 f"common.user_dir={user_dir()}", f"checkpoint.save_dir={save}", f"common.seed={seed}",
                 f"optimization.max_update={a.ft_updates}", *a.ft_set)
     m = fairseq_validate(cls, "d2v_text_classification", f"{save}/checkpoint_best.pt", "test", 64, f"{work}/{tag}_test.log")
     shutil.rmtree(save, ignore_errors=True)  # keep the logs, not the fine-tuned weights
-    return m["top1"]
+    return m["top1"], best_valid(log)
+
+
+def finetune_seeds(ckpt: str, random_init: bool, seeds: list, cls: str, work: str, key: str, a) -> dict:
+    """-> {"finetune": test accuracy over the seeds, "finetune_valid": best validation accuracy}."""
+    runs = [finetune(ckpt, random_init, s, cls, work, f"{key}_s{s}", a) for s in seeds]
+    return {"finetune": spread([t for t, _ in runs]), "finetune_valid": spread([v for _, v in runs])}
 
 
 def sentences(path: str):
@@ -261,7 +281,8 @@ def main():
                          "apply to the official code too")
     ap.add_argument("--updates", action="append", default=[], metavar="METHOD=N",
                     help="pretraining updates of METHOD instead of calibrating (N = budget x its quiet-machine updates/s)")
-    ap.add_argument("--ft-set", action="append", default=[], help="KEY=VALUE override of the fine-tuning (repeatable)")
+    ap.add_argument("--ft-set", action="append", default=[],
+                    help="KEY=VALUE override of the fine-tuning (repeatable); the runs and JSON keys get it as a suffix")
     ap.add_argument("--roberta-lr", type=float, default=0.0, help="RoBERTa's peak lr (default: the tiny YAML's)")
     ap.add_argument("--tag", default="", help="suffix of this run's folders and JSON keys (recipe variants)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the random-init baselines (already measured)")
@@ -278,27 +299,27 @@ def main():
     os.makedirs(ctl, exist_ok=True)
     results = json.load(open(a.out)) if os.path.isfile(a.out) else {}
     for method in methods:
-        key = method + a.tag
+        variant = finetune_variant(a.ft_set)
+        key, baseline = method + a.tag + variant, f"random_{ARCH[method]}{variant}"
         r = pretrain_method(method, data, ctl, a)
-        r["finetune"] = spread([finetune(r["checkpoint"], False, s, cls, ctl, f"{key}_s{s}", a) for s in seeds])
+        r.update(finetune_seeds(r["checkpoint"], False, seeds, cls, ctl, key, a))
         r["probe"] = probe(r["checkpoint"], raw)
         r["set"] = a.set if method != "roberta" else []
         results[key] = r
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
         print(f"{key}: {r['updates']} updates in {r['seconds']:.0f} s; fine-tuned {r['finetune']}; probe {r['probe']}", flush=True)
-        if not a.no_baseline and f"random_{ARCH[method]}" not in results:
-            results[f"random_{ARCH[method]}"] = {
-                "finetune": spread([finetune(r["checkpoint"], True, s, cls, ctl, f"random_{ARCH[method]}_s{s}", a) for s in seeds]),
-                "probe": probe(r["checkpoint"], raw, random_seed=seeds[0])}
-            print(f"random_{ARCH[method]}: {results[f'random_{ARCH[method]}']}", flush=True)
+        if not a.no_baseline and baseline not in results:
+            results[baseline] = {**finetune_seeds(r["checkpoint"], True, seeds, cls, ctl, baseline, a),
+                                 "probe": probe(r["checkpoint"], raw, random_seed=seeds[0])}
+            print(f"{baseline}: {results[baseline]}", flush=True)
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)
-    print(f"\n{'method':<22} {'updates':>7} {'sec':>6} {'fine-tuned acc % (mean +- std)':>31} {'probe %':>8}")
+    print(f"\n{'method':<22} {'updates':>7} {'sec':>6} {'fine-tuned acc % (mean +- std)':>31} {'valid %':>8} {'probe %':>8}")
     for key, r in results.items():
-        ft = r["finetune"]
+        ft, valid = r["finetune"], r.get("finetune_valid", {}).get("mean", float("nan"))
         print(f"{key:<22} {r.get('updates', 0):>7} {r.get('seconds', 0):>6.0f} {ft['mean']:>24.2f} +- {ft['std']:<4.2f} "
-              f"{r['probe']['test']:>8.2f}")
+              f"{valid:>8.2f} {r['probe']['test']:>8.2f}")
     print(f"results: {a.out}")
 
 

@@ -323,9 +323,9 @@ def test_text_span_mask_spares_padding_and_ends():
 def test_text_positions_follow_fairseq_convention():
     from d2v_plugin.models.d2v_multi import D2vMultiModel
 
-    model = D2vMultiModel(tiny_cfg(modalities="text", text_vocab_size=10, text_max_positions=8, text_dropout=0.0,
-                                   text_decoder_dim=16, text_decoder_layers=1, text_mask_type="random", text_mask_prob=0.5,
-                                   text_mask_length=1, audio_decoder_groups=4))
+    kw = dict(modalities="text", text_vocab_size=10, text_max_positions=8, text_dropout=0.0, text_decoder_dim=16,
+              text_decoder_layers=1, text_mask_type="random", text_mask_prob=0.5, text_mask_length=1, audio_decoder_groups=4)
+    model = D2vMultiModel(tiny_cfg(**kw))
     enc = model.modality_encoders["text"]
     tokens = torch.tensor([[0, 5, 6, 2], [0, 7, 2, 1]])  # second row padded (pad = 1)
     feats, pad = enc.local_features(tokens)
@@ -337,8 +337,7 @@ def test_text_positions_follow_fairseq_convention():
     assert list(model.teacher.state_dict()) == [k for k in model.teacher.state_dict() if k.startswith("blocks.")]
     out = model(tokens)
     assert out["sample_size"] == 2 * 2 + 1 * 2  # int(4 * 0.5) + int(3 * 0.5) real tokens, per view (clone_batch 2)
-    spare = D2vMultiModel(tiny_cfg(modalities="text", text_vocab_size=10, text_max_positions=8, text_decoder_dim=16,
-                                   text_decoder_layers=1, text_mask_prob=0.5, text_keep_ends=True, audio_decoder_groups=4))
+    spare = D2vMultiModel(tiny_cfg(**kw, text_keep_ends=True))
     assert spare(tokens)["sample_size"] == 1 * 2 + 0 * 2  # int((4-2)*0.5) + int((3-2)*0.5): <s>, </s> spared
 
 

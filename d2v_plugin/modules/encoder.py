@@ -89,7 +89,7 @@ class ModalityEncoder(nn.Module):
     # -- life cycle -----------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """After BERT init of the whole model: the decoder projection gets PyTorch's default
-        init, as the reference."""
+        init, as the reference's speech and image encoders (text keeps BERT init: its override)."""
         if self.decoder is not None:
             for m in self.decoder.proj.modules():
                 if isinstance(m, nn.Linear):
