@@ -24,7 +24,9 @@ setup(
         "Pillow>=9",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5"],
+        "test": ["pytest>=7", "ruff>=0.5", "flashlight-text>=0.0.7"],
+        # fairseq-generate --decoder beam|kenlm: flashlight-text's CTC beam search with KenLM built in
+        "lm": ["flashlight-text>=0.0.7"],
         # training_curves.png at the end of every run and `python -m d2v_plugin.plot`
         "plot": ["matplotlib>=3.7"],
         # common.tensorboard_logdir: fairseq writes its meters with torch.utils.tensorboard

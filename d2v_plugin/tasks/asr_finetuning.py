@@ -1,19 +1,23 @@
-"""fairseq adapter: the ``d2v_asr_finetuning`` task (CTC speech recognition) and its
-best-path CTC generator for ``fairseq-generate``."""
+"""fairseq adapter: the ``d2v_asr_finetuning`` task (CTC speech recognition), its CTC
+generator for ``fairseq-generate`` (``--decoder viterbi|beam|kenlm``, see ctc_decoding.py)
+and the ``d2v_wer`` scorer, whose summary line names the decoder and adds the CER."""
 
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+import editdistance
 import torch
 from fairseq.data import Dictionary
+from fairseq.dataclass import FairseqDataclass
+from fairseq.scoring import BaseScorer, register_scorer
 from fairseq.tasks import FairseqTask, register_task
 from omegaconf import II, MISSING
 
+from ..ctc_decoding import DECODERS, CTCDecoder, DecoderSettings
 from ..data.audio import AudioDataError, LabelledAudioDataset
 from ..fairseq_utils import unwrap
-from ..modules.ctc import ctc_best_path
 from ..modules.feature_extractor import conv_output_lengths, receptive_field
 from .base import FinetuneTaskMixin, NoDictionaryTask, RunConfig, RunFeedbackMixin, data_dir
 
@@ -35,17 +39,34 @@ class D2vAsrFinetuningConfig(RunConfig):
     )
     min_sample_size: int = field(default=0, metadata={"help": "shorter files are skipped, counted and logged"})
     seed: int = field(default=II("common.seed"), metadata={"help": "seed of the batch order (common.seed)"})
+    # fairseq-generate: how CTC outputs become text (the beam size is fairseq's --beam)
+    decoder: str = field(default="viterbi", metadata={
+        "help": f"CTC decoding in fairseq-generate: {' | '.join(DECODERS)} (best path; prefix beam search without LM; "
+                "lexicon beam search with the KenLM word n-gram --decoder-lm)"})
+    decoder_lm: str = field(default="", metadata={"help": "--decoder kenlm: ARPA/binary LM (python -m d2v_plugin.prep.lm)"})
+    lexicon: str = field(default="", metadata={"help": "--decoder kenlm: word spellings (default: lexicon.txt beside the LM)"})
+    decoder_lm_weight: Optional[float] = field(default=None, metadata={
+        "help": "--decoder kenlm: LM weight (default: the sweep's decoding.json beside the LM, else 2)"})
+    word_score: Optional[float] = field(default=None, metadata={
+        "help": "--decoder kenlm: score added per word (default: the sweep's decoding.json beside the LM, else 0)"})
+    beam_threshold: float = field(default=25.0, metadata={"help": "beam decoders: drop hypotheses this far below the best"})
+    sil_score: float = field(default=0.0, metadata={"help": "beam decoders: score added per word separator"})
 
 
 class CTCGenerator:
-    """Best-path (greedy = Viterbi without a lexicon) CTC decoding in fairseq's hypothesis
-    format: per utterance one hypothesis with tokens, score (path log-prob) and the
-    log-prob of the frame emitting each token."""
+    """CTC decoding in fairseq's hypothesis format: per utterance one hypothesis with
+    tokens, score (the search's) and per-token scores (the emitting frame's log-prob for
+    best path; zeros for beam searches, which give none)."""
 
-    def __init__(self, dictionary: Dictionary):
+    description = "viterbi (best path)"  # the decoder of the last generator built, for d2v_wer's summary
+
+    def __init__(self, dictionary: Dictionary, settings: Optional[DecoderSettings] = None):
         self.dictionary = dictionary
         self.blank = dictionary.bos()
         self.symbols_to_strip_from_output = {dictionary.bos(), dictionary.pad(), dictionary.eos()}
+        self.decoder = CTCDecoder(settings or DecoderSettings(), dictionary.symbols, self.blank)
+        CTCGenerator.description = self.decoder.s.describe()
+        logger.info("CTC decoder: %s", CTCGenerator.description)
 
     @torch.no_grad()
     def generate(self, models, sample, **unused) -> List[List[Dict]]:
@@ -54,7 +75,7 @@ class CTCGenerator:
         model = models[0]
         net_output = model(**sample["net_input"])
         lprobs = model.get_normalized_probs(net_output, log_probs=True)
-        hyps = ctc_best_path(lprobs, model.output_lengths(net_output), self.blank)
+        hyps = self.decoder.decode(lprobs, model.output_lengths(net_output))
         return [[{"tokens": t, "score": s, "positional_scores": p, "alignment": None}] for t, p, s in hyps]
 
 
@@ -127,8 +148,46 @@ class D2vAsrFinetuningTask(RunFeedbackMixin, FinetuneTaskMixin, NoDictionaryTask
         super().optimizer_step(optimizer, model, update_num)
 
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None, **unused):
-        return CTCGenerator(self.target_dictionary)
+        c = self.cfg
+        if getattr(args, "lm_path", None):
+            raise ValueError("--lm-path loads fairseq neural LMs for seq2seq fusion; for CTC use --decoder kenlm "
+                             "--decoder-lm DIR/lm.arpa (python -m d2v_plugin.prep.lm)")
+        beam = int(getattr(args, "beam", 5))
+        settings = DecoderSettings(c.decoder, beam, c.beam_threshold, c.decoder_lm, c.lexicon, c.decoder_lm_weight,
+                                   c.word_score, c.sil_score)
+        generator = CTCGenerator(self.target_dictionary, settings)
+        if c.decoder == "viterbi" and hasattr(args, "beam"):
+            args.beam = 1  # fairseq-generate's summary says "beam=N": best path is beam 1
+        return generator
 
     @property
     def target_dictionary(self):
         return self.dictionary
+
+
+@dataclass
+class D2vWerConfig(FairseqDataclass):
+    pass
+
+
+@register_scorer("d2v_wer", dataclass=D2vWerConfig)
+class D2vWerScorer(BaseScorer):
+    """WER and CER (words split on spaces; characters including spaces) of
+    ``--post-process letter`` strings, and the CTC decoder that produced them."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.words = self.word_errors = self.chars = self.char_errors = 0
+
+    def add_string(self, ref: str, pred: str) -> None:
+        self.word_errors += editdistance.eval(ref.split(), pred.split())
+        self.words += len(ref.split())
+        self.char_errors += editdistance.eval(ref, pred)
+        self.chars += len(ref)
+
+    def score(self) -> float:
+        return 100.0 * self.word_errors / max(1, self.words)
+
+    def result_string(self) -> str:
+        cer = 100.0 * self.char_errors / max(1, self.chars)
+        return f"WER: {self.score():.2f}, CER: {cer:.2f}, decoder: {CTCGenerator.description}"
