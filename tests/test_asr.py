@@ -2,6 +2,8 @@
 import glob
 import os
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -294,6 +296,22 @@ def test_fairseq_train_then_generate_scores_wer(pretrained, asr_data, tmp_path):
     assert expected < 100.0  # some references contain the word "A"
     reported = float(re.search(r"WER: ([\d.]+)", out).group(1))
     assert reported == pytest.approx(expected, abs=0.006)
+    assert re.search(r"^Generate valid with beam=1: WER", out, re.M)  # best path is beam 1, whatever --beam says
+
+    # the beam decoders through the same binary; d2v_wer's summary names the decoder and adds the CER
+    generate = [os.path.join(BIN, "fairseq-generate"), str(asr_data), "--user-dir", user_dir(), "--task",
+                "d2v_asr_finetuning", "--path", str(tmp_path / "says_a.pt"), "--gen-subset", "valid", "--scoring",
+                "d2v_wer", "--post-process", "letter", "--batch-size", "4", "--num-workers", "0"]
+    beam = run(generate + ["--decoder", "beam", "--beam", "1"])
+    assert {i: t for i, _, t in re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", beam, re.M)} == hyps
+    assert re.search(rf"beam=1: WER: {reported:.2f}, CER: [\d.]+, decoder: beam \(prefix search, beam 1, no LM\)", beam)
+    run([sys.executable, "-m", "d2v_plugin.prep.lm", str(asr_data / "train.wrd"), "--order", "3", "--out",
+         str(tmp_path / "lm"), "--dict", str(asr_data / "dict.ltr.txt")])
+    lm = run(generate + ["--decoder", "kenlm", "--decoder-lm", str(tmp_path / "lm" / "lm.arpa"), "--beam", "8"])
+    assert re.search(r"beam=8: WER: [\d.]+, CER: [\d.]+, decoder: kenlm \(beam 8, LM lm.arpa, lm_weight 2", lm)
+    bad = subprocess.run(generate + ["--decoder", "kenlm", "--decoder-lm", str(tmp_path / "none.arpa")],
+                         capture_output=True, text=True)
+    assert bad.returncode != 0 and "none.arpa: file not found" in bad.stderr
 
 
 @pytest.mark.slow
