@@ -67,7 +67,7 @@ def finetune_runs(work, tag, config_dir, data, pretrained, seed, runs, evaluate,
                               f"model.pretrained_path={pretrained}", f"model.random_init={random_init}",
                               f"common.user_dir={user_dir()}", f"checkpoint.save_dir={save}", f"common.seed={seed}",
                               f"optimization.max_update={updates}", *overrides, *extra)
-        results[name] = {"updates": updates, "minutes": round(minutes, 1),
+        results[name] = {"updates": updates, "minutes": round(minutes, 1), "checkpoint": f"{save}/checkpoint_best.pt",
                          **evaluate(f"{save}/checkpoint_best.pt", f"{work}/eval_{run_tag}.log")}
     return results
 

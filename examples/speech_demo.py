@@ -7,8 +7,10 @@
    on the unlabelled training audio, and reloads the checkpoint (fp32 teacher check);
 3. fine-tunes config/finetune/asr/tiny.yaml with CTC on a labelled subset twice, from
    the pretrained checkpoint and from random initialisation (same budget);
-4. decodes the held-out test split with `fairseq-generate --scoring wer` and prints
-   CER/WER for the untrained, from-scratch and pretrained models.
+4. decodes the held-out test split with `fairseq-generate --scoring d2v_wer` and prints
+   CER/WER for the untrained, from-scratch and pretrained models: best path, beam search
+   without LM, and beam search with a 4-gram word LM (`prep.lm`, built from the WordNet
+   sentences that no valid or test utterance reads; weights swept on valid).
 """
 import argparse
 import json
@@ -18,10 +20,9 @@ import re
 import shutil
 import sys
 
-import editdistance
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_common import BIN, PRETRAINED, PY, compare, curve_text, finetune_runs, loss_fell, pretrain, sh, user_dir  # noqa: E402
+from demo_common import BASELINE, PRETRAINED, PY, compare, curve_text, finetune_runs, loss_fell, pretrain, sh  # noqa: E402
+from lm_sweep import generate, sweep  # noqa: E402
 
 
 def make_data(work, n, test_voices, labelled, seed):
@@ -70,17 +71,23 @@ def losses(log):
     return [(int(m.group(2)), float(m.group(1))) for m in re.finditer(r"train_inner\].*?loss=([\d.]+).*?num_updates=(\d+)", text)]
 
 
-def decode(asr, ckpt, plugin, log):
-    """fairseq-generate on the test split -> (CER %, WER % as fairseq prints it, utterances)."""
-    out = sh([f"{BIN}/fairseq-generate", asr, "--user-dir", plugin, "--task", "d2v_asr_finetuning", "--path", ckpt,
-              "--gen-subset", "test", "--scoring", "wer", "--post-process", "letter", "--batch-size", "16",
-              "--num-workers", "0"], log=log)
-    refs = dict(re.findall(r"^T-(\d+)\t(.*)$", out, re.M))
-    hyps = {i: text for i, _, text in re.findall(r"^H-(\d+)\t(\S+)\t(.*)$", out, re.M)}
-    chars = sum(editdistance.eval(refs[i], hyps.get(i, "")) for i in refs)
-    cer = 100.0 * chars / max(1, sum(len(r) for r in refs.values()))
-    wer = float(re.search(r"WER: ([\d.]+)", out).group(1))
-    return cer, wer, len(refs), next(iter(sorted(refs.items())), ("", ""))[1], hyps.get(min(refs, key=int), "")
+def decode(asr, ckpt, log, *decoder):
+    """fairseq-generate on the test split -> (CER %, WER %, utterances, first reference, its hypothesis)."""
+    r = generate(asr, ckpt, "test", log, *decoder)
+    first = min(r["refs"], key=int)
+    return r["cer"], r["wer"], len(r["refs"]), r["refs"][first], r["hyps"].get(first, "")
+
+
+def build_lm(work, asr, order):
+    """A word n-gram LM of the WordNet sentences that no valid or test utterance reads."""
+    from d2v_plugin.samples import wordnet_sentences
+
+    text = f"{work}/speech/lm_text.txt"
+    with open(text, "w") as f:
+        f.write("\n".join(wordnet_sentences()) + "\n")
+    sh([PY, "-m", "d2v_plugin.prep.lm", text, "--order", str(order), "--out", f"{work}/lm", "--dict",
+        f"{asr}/dict.ltr.txt", "--exclude", f"{asr}/valid.wrd", f"{asr}/test.wrd"])
+    return f"{work}/lm/lm.arpa"
 
 
 def main():
@@ -92,6 +99,8 @@ def main():
     ap.add_argument("--updates", type=int, default=400, help="pretraining updates")
     ap.add_argument("--ft-updates", type=int, default=2000, help="fine-tuning updates (each run)")
     ap.add_argument("--seed", type=int, default=1, help="seed of the labelled subset and of training")
+    ap.add_argument("--lm-order", type=int, default=4, help="order of the word n-gram LM")
+    ap.add_argument("--beam", type=int, default=50, help="beam size of the beam-search decoders")
     a = ap.parse_args()
     work = os.path.abspath(a.work)
     manifest, asr = make_data(work, a.n, a.test_voices.split(","), a.labelled, a.seed)
@@ -103,12 +112,22 @@ def main():
     cfg, same, fp32, n_params = check_pretrained(pretrained)
 
     def evaluate(ckpt, log):
-        cer, wer, n, ref, hyp = decode(asr, ckpt, user_dir(), log)
+        cer, wer, n, ref, hyp = decode(asr, ckpt, log)
         return {"test_cer": round(cer, 2), "test_wer": wer, "example_ref": ref, "example_hyp": hyp, "utterances": n}
 
     runs = {"untrained (random init, no training)": ("true", 10, ["optimization.lr=[0.0]"]),  # lr 0: weights never change
             **compare(a)}
     results = finetune_runs(work, "speech", "config/finetune/asr", asr, pretrained, a.seed, runs, evaluate)
+
+    # the same checkpoints decoded by beam search, without and with the word LM (weights swept on valid)
+    lm = build_lm(work, asr, a.lm_order)
+    tuned = sweep(asr, results[PRETRAINED]["checkpoint"], lm, [0.5, 1, 2, 4], [-1, 0, 1], a.beam, "valid", f"{work}/lm/sweep")
+    for name in (BASELINE, PRETRAINED):
+        r, tag = results[name], re.sub(r"\W+", "_", name)
+        r["beam_cer"], r["beam_wer"], *_ = decode(asr, r["checkpoint"], f"{work}/eval_{tag}_beam.log", "--decoder", "beam",
+                                                  "--beam", str(a.beam))
+        r["lm_cer"], r["lm_wer"], *_ = decode(asr, r["checkpoint"], f"{work}/eval_{tag}_lm.log", "--decoder", "kenlm",
+                                              "--decoder-lm", lm, "--beam", str(a.beam))
 
     print(f"\nd2v_plugin demo: data2vec {cfg.model.algorithm} speech pretraining + CTC fine-tuning "
           f"({n_params / 1e6:.2f} M parameters)")
@@ -116,13 +135,19 @@ def main():
           f"test: {n_test} utterances of held-out voices ({a.test_voices}) and unseen sentences")
     print(f"pretraining: {a.updates} updates in {pt_min:.1f} min, {curve_text(curve)}; "
           f"reloaded teacher fp32: {fp32}, equal to the saved _ema: {same}")
-    print(f"\n{'model':<40} {'updates':>7} {'min':>5} {'test CER %':>10} {'test WER %':>10}")
+    print(f"{a.lm_order}-gram word LM of WordNet sentences without the valid/test ones: {lm}; "
+          f"lm_weight {tuned['lm_weight']:g}, word_score {tuned['word_score']:g} chosen on valid (beam {a.beam})")
+    print(f"\n{'model':<40} {'updates':>7} {'min':>5} {'CER %':>7} {'WER % best path':>15} {'beam, no LM':>11} "
+          f"{'beam + LM':>9}")
     for name, r in results.items():
-        print(f"{name:<40} {r['updates']:>7} {r['minutes']:>5} {r['test_cer']:>10.2f} {r['test_wer']:>10.2f}")
+        beam, lm_wer = (f"{r[k]:.2f}" if k in r else "-" for k in ("beam_wer", "lm_wer"))
+        print(f"{name:<40} {r['updates']:>7} {r['minutes']:>5} {r['test_cer']:>7.2f} {r['test_wer']:>15.2f} "
+              f"{beam:>11} {lm_wer:>9}")
     best = results[PRETRAINED]
     print(f"\nexample (test): REF {best['example_ref']!r}\n                HYP {best['example_hyp']!r}")
     with open(f"{work}/results.json", "w") as f:
-        json.dump({"pretrain_updates": a.updates, "labelled": n_lab, "test": n_test, "runs": results}, f, indent=1)
+        json.dump({"pretrain_updates": a.updates, "labelled": n_lab, "test": n_test, "lm": tuned, "runs": results}, f,
+                  indent=1)
     print(f"results: {work}/results.json; logs and fairseq-generate outputs in {work}/")
     untrained = results["untrained (random init, no training)"]["test_cer"]
     ok = loss_fell(curve) and same and fp32 and best["test_cer"] < 0.8 * untrained
