@@ -281,3 +281,42 @@ def test_official_settings_without_counterpart_are_named(caplog):
     c["modalities"] = {"audio": {**r["config"]["modalities"]["audio"], "keep_masked_pct": 0.1}}
     convert_config(c, "data2vec2")
     assert "end_of_block_targets=True, modality keep_masked_pct=0.1 are not reproduced" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["traj_v2_image.pt", "traj_v2_audio.pt", "traj_v1_text.pt"])
+def test_bf16_teacher_averages_the_fp32_masters(name, tmp_path):
+    """Under --bf16 fairseq's FP16Optimizer steps fp32 master weights and casts them into a
+    bf16 student; the teacher's EMA reads the masters, not their bf16 roundings."""
+    from fairseq import tasks
+
+    r = torch.load(GOLDEN_DIR / name, weights_only=True)
+    cfg = plugin_cfg(r, tmp_path)
+    with open_dict(cfg):
+        cfg.common.bf16 = True
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    model.load_state_dict(convert_state_dict(r["initial"], r["family"]))
+    trainer = Trainer(cfg, task, model, task.build_criterion(cfg.criterion))
+    trainer.lr_step(1)
+    trainer.begin_epoch(1)
+    student = dict(model.named_parameters())
+    rounded_gap = 0.0
+    for batch in r["batches"]:
+        before = {n: t.clone() for n, t in model.teacher.named_parameters()}
+        trainer.train_step([{"id": torch.arange(2), "net_input": plugin_input(r, batch)}])
+        masters = {id(p): m for p, m in zip(trainer.optimizer.fp16_params, trainer.optimizer.fp32_params)}
+        lr = 1.0 - model.ema_decay
+        assert 0 < lr < 1 and all(p.dtype == torch.bfloat16 for p in trainer.optimizer.fp16_params)
+        worst_master = worst_rounded = 0.0
+        for n, t in model.teacher.named_parameters():
+            s = student[n]
+            if id(s) not in masters or n.startswith(model.teacher.copy_prefixes):
+                continue
+            assert t.dtype == torch.float32
+            from_master = before[n] * (1 - lr) + masters[id(s)].float() * lr
+            from_rounded = before[n] * (1 - lr) + s.float() * lr
+            worst_master = max(worst_master, float((t - from_master).abs().max().detach()))
+            worst_rounded = max(worst_rounded, float((t - from_rounded).abs().max().detach()))
+        assert worst_master < 1e-6, worst_master  # fp32 rounding of O(1) weights
+        rounded_gap = max(rounded_gap, worst_rounded)
+    assert rounded_gap > 1e-5  # what averaging the bf16 student instead would have missed

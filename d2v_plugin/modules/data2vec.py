@@ -129,11 +129,12 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
     def set_num_updates(self, num_updates: int) -> None:
         self.num_updates = num_updates
 
-    def ema_step(self, num_updates: int) -> None:
-        """Called once after each optimizer update; ``num_updates`` counts that update."""
+    def ema_step(self, num_updates: int, masters: Optional[Dict[int, Tensor]] = None) -> None:
+        """Called once after each optimizer update; ``num_updates`` counts that update;
+        ``masters``: fp32 master weights by id(parameter) (see ``EMATeacher.step``)."""
         self.ema_decay = ema_decay_at(num_updates, self.settings.ema_decay, self.settings.ema_end_decay, self.settings.ema_anneal_end_step)
         if self.teacher is not None and self.ema_decay < 1.0:
-            self.teacher.step(self, self.ema_decay)
+            self.teacher.step(self, self.ema_decay, masters)
             self.ema_steps += 1
 
     # -- forward -----------------------------------------------------------------------

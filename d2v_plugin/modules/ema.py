@@ -13,7 +13,7 @@ buffers are copied, not averaged; so are parameters whose names start with one o
 from __future__ import annotations
 
 import copy
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -73,13 +73,17 @@ class EMATeacher(nn.Module):
             yield name, t, named[name]
 
     @torch.no_grad()
-    def step(self, student: nn.Module, decay: float) -> None:
-        """One EMA update towards ``student`` (same parameter names), in fp32."""
+    def step(self, student: nn.Module, decay: float, masters: Optional[Dict[int, torch.Tensor]] = None) -> None:
+        """One EMA update towards ``student`` (same parameter names), in fp32. ``masters``:
+        id(student parameter) -> its fp32 master copy, read instead of the parameter when a
+        mixed-precision optimizer trains masters and casts them into a bf16/fp16 student."""
         lr = 1.0 - decay  # the reference's op order, kept for bit-exact parity
         avg_t, avg_s = [], []
         buffer_names = {n for n, _ in self.named_buffers()}
+        masters = masters or {}
         for name, t, s in self._pairs(student):
             copied = name in buffer_names or not s.requires_grad or name.startswith(self.copy_prefixes)
+            s = masters.get(id(s), s)
             if copied:
                 t.copy_(s)
             else:

@@ -124,10 +124,29 @@ class EMAStepMixin:
                         update_num + 1)
             return
         if hasattr(inner, "ema_step"):
-            inner.ema_step(update_num + 1)
+            inner.ema_step(update_num + 1, fp32_masters(optimizer))
             interval = getattr(inner.cfg, "ema_sync_check_interval", 0)
             if interval > 0 and (update_num + 1) % interval == 0 and dist.is_initialized() and dist.get_world_size() > 1:
                 check_teachers_agree(inner.teacher, update_num + 1)
+
+
+def fp32_masters(optimizer) -> dict:
+    """id(model parameter) -> its fp32 master copy, for fairseq's FP16Optimizer (``--fp16`` /
+    ``--bf16``: the optimizer steps fp32 copies and casts them into the model), so the
+    teacher averages the masters rather than their bf16/fp16 roundings. Empty for fp32
+    training and for the memory-efficient optimizers, which keep no masters."""
+    params, masters = getattr(optimizer, "fp16_params", None), getattr(optimizer, "fp32_params", None)
+    if params is None or masters is None:
+        return {}
+    if isinstance(masters, dict):  # flattened (fp16 on CUDA): one flat fp32 tensor per device, in parameter order
+        out, offset = {}, dict.fromkeys(masters, 0)
+        for p in params:
+            key = p.device.index if p.device.index in masters else next(iter(masters))
+            n = p.numel()
+            out[id(p)] = masters[key].data[offset[key] : offset[key] + n].view_as(p)
+            offset[key] += n
+        return out
+    return {id(p): m.data for p, m in zip(params, masters)}
 
 
 def check_teachers_agree(teacher, update: int) -> None:
