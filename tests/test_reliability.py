@@ -20,16 +20,10 @@ def logged_losses(log: str):
     return {int(u): loss for loss, u in re.findall(r"train_inner.*?loss=([\d.]+).*?num_updates=(\d+)", log)}
 
 
-@pytest.mark.slow
-def test_killed_run_resumes_exactly(speech_corpus, tmp_path):
-    """SIGKILL once the first checkpoint is written (checkpoints every 4 updates), restart
-    from checkpoint_last.pt: the same losses and, at the end, the same student, teacher
-    (fp32 ``_ema``) and optimizer state as a run that was never interrupted."""
-    def cmd(save):
-        return [os.path.join(BIN, "fairseq-train"), *train_args(speech_corpus / "manifest", "--clone-batch", "2"),
-                "--max-update", "40", "--save-interval-updates", "4", "--no-epoch-checkpoints", "--disable-validation",
-                "--save-dir", str(save), "--log-format", "simple", "--log-interval", "1", "--max-tokens", "50000"]
-
+def kill_and_resume(cmd, tmp_path, total: int) -> str:
+    """Run ``cmd(save_dir)`` whole, and again SIGKILLed once its first checkpoint exists and
+    restarted: the same losses, and at the end the same student, teacher (fp32 ``_ema``),
+    fp32 masters (bf16 runs) and optimizer state -> the resumed run's log."""
     whole = run(cmd(tmp_path / "whole"))
     proc = subprocess.Popen(cmd(tmp_path / "killed"), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     last = tmp_path / "killed" / "checkpoint_last.pt"
@@ -43,23 +37,60 @@ def test_killed_run_resumes_exactly(speech_corpus, tmp_path):
     loaded = re.search(r"Loaded checkpoint .*\(epoch \d+ @ (\d+) updates\)", resumed)
     assert loaded, resumed[-3000:]
     start = int(loaded.group(1))
-    assert 4 <= start < 40, "the kill came too late to test a resume"
+    assert 4 <= start < total, "the kill came too late to test a resume"
     before, after = logged_losses(whole), logged_losses(resumed)
-    assert sorted(after) == list(range(start + 1, 41)) and all(after[u] == before[u] for u in after), (before, after)
+    assert sorted(after) == list(range(start + 1, total + 1)) and all(after[u] == before[u] for u in after), (before, after)
 
     a = torch.load(tmp_path / "whole" / "checkpoint_last.pt", weights_only=False)
     b = torch.load(last, weights_only=False)
-    assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == 40
+    assert a["optimizer_history"][-1]["num_updates"] == b["optimizer_history"][-1]["num_updates"] == total
     for key, value in a["model"].items():
-        if key == "_ema":
-            assert set(value) == set(b["model"]["_ema"])
+        if key in ("_ema", "_fp32_masters"):
+            assert set(value) == set(b["model"][key])
             for k, t in value.items():
                 assert t.dtype == torch.float32
-                assert torch.allclose(t, b["model"]["_ema"][k], atol=1e-6, rtol=0), f"teacher {k} differs after resume"
+                assert torch.allclose(t, b["model"][key][k], atol=1e-6, rtol=0), f"{key} {k} differs after resume"
         else:
             assert torch.allclose(value, b["model"][key], atol=1e-6, rtol=0), f"{key} differs after resume"
     for sa, sb in zip(a["last_optimizer_state"]["state"].values(), b["last_optimizer_state"]["state"].values()):
         assert torch.allclose(sa["exp_avg"], sb["exp_avg"], atol=1e-6, rtol=0)
+    return resumed
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(speech_corpus, tmp_path):
+    """fairseq-train, fp32, checkpoints every 4 updates: a SIGKILLed run resumes exactly."""
+    def cmd(save):
+        return [os.path.join(BIN, "fairseq-train"), *train_args(speech_corpus / "manifest", "--clone-batch", "2"),
+                "--max-update", "40", "--save-interval-updates", "4", "--no-epoch-checkpoints", "--disable-validation",
+                "--save-dir", str(save), "--log-format", "simple", "--log-interval", "1", "--max-tokens", "50000"]
+
+    kill_and_resume(cmd, tmp_path, 40)
+    assert "_fp32_masters" not in torch.load(tmp_path / "whole" / "checkpoint_last.pt", weights_only=False)["model"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality", ["audio", pytest.param("image", marks=pytest.mark.xfail(
+    strict=True, reason="image pretraining does not resume exactly in fp32 either (losses after a plain stop at "
+                        "update 4 and restart differ from the whole run's; open, see the README)")), "text"])
+def test_killed_bf16_run_resumes_exactly(corpora, tmp_path, modality):
+    """fairseq-hydra-train common.bf16=true (fairseq-train --bf16 turns on --tpu, see README):
+    fairseq would rebuild the fp32 masters from the rounded bf16 student on resume; the
+    checkpoint carries them (``_fp32_masters``) and the run resumes exactly."""
+    base = [a for a in modality_run(modality, corpora[modality], tmp_path)
+            if not a.startswith(("optimization.max_update=", "++checkpoint.save_interval_updates="))]
+
+    def cmd(save):
+        return [*base, "common.bf16=true", "optimization.max_update=16", "++checkpoint.save_interval_updates=4",
+                "checkpoint.no_epoch_checkpoints=true", f"checkpoint.save_dir={save}", f"hydra.run.dir={save}_hydra"]
+
+    resumed = kill_and_resume(cmd, tmp_path, 16)
+    assert "fp32 master weights from the checkpoint" in resumed
+    model = torch.load(tmp_path / "whole" / "checkpoint_last.pt", weights_only=False)["model"]
+    name = "blocks.0.mlp.fc1.weight"
+    master = model["_fp32_masters"][name]
+    assert master.dtype == torch.float32 and torch.equal(model[name], master.bfloat16().float())  # fairseq saves the
+    assert not torch.equal(model[name], master)  # bf16 student cast to fp32: the masters hold what rounding lost
 
 
 def test_checkpoint_copies_are_atomic(tmp_path, monkeypatch):

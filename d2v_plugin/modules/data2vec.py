@@ -31,6 +31,7 @@ from .text import TextEncoder
 from .transformer import Block, attention_bias
 
 EMA_KEY = "_ema"
+MASTERS_KEY = "_fp32_masters"  # fp32 master weights of a bf16/fp16 student, by parameter name
 ENCODERS = {"audio": AudioEncoder, "image": ImageEncoder, "text": TextEncoder}  # modality name -> encoder class
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,8 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
         self.make_teacher()
         if s.compile_blocks:
             self.compile_blocks()
+        self.masters: Dict[str, Tensor] = {}  # the optimizer's fp32 masters, saved beside the student
+        self.restored_masters: Dict[str, Tensor] = {}  # masters read from a checkpoint, for the optimizer
         self._register_state_dict_hook(_teacher_to_ema_entry)
         self._register_load_state_dict_pre_hook(_ema_entry_to_teacher, with_module=True)
 
@@ -131,7 +134,10 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
 
     def ema_step(self, num_updates: int, masters: Optional[Dict[int, Tensor]] = None) -> None:
         """Called once after each optimizer update; ``num_updates`` counts that update;
-        ``masters``: fp32 master weights by id(parameter) (see ``EMATeacher.step``)."""
+        ``masters``: fp32 master weights by id(parameter) (see ``EMATeacher.step``), also kept
+        (by name) for the checkpoint, so that a resumed bf16/fp16 run continues from them."""
+        if masters:
+            self.masters = {n: masters[id(p)] for n, p in self.named_parameters() if id(p) in masters}
         self.ema_decay = ema_decay_at(num_updates, self.settings.ema_decay, self.settings.ema_end_decay, self.settings.ema_anneal_end_step)
         if self.teacher is not None and self.ema_decay < 1.0:
             self.teacher.step(self, self.ema_decay, masters)
@@ -296,9 +302,18 @@ def _teacher_to_ema_entry(module: Data2Vec, state: Dict, prefix: str, local_meta
     ema = {k[len(tp):]: state.pop(k) for k in [k for k in state if k.startswith(tp)]}
     if module.teacher is not None:
         state[prefix + EMA_KEY] = ema
+    if module.masters:
+        state[prefix + MASTERS_KEY] = {k: v.detach().clone() for k, v in module.masters.items()}
 
 
 def _ema_entry_to_teacher(module: Data2Vec, state: Dict, prefix: str, local_metadata, strict, missing, unexpected, errors) -> None:
+    masters = state.pop(prefix + MASTERS_KEY, None)
+    if masters:  # a bf16/fp16 run's checkpoint: the student at full precision, and the optimizer's masters back
+        for k, v in masters.items():
+            if prefix + k in state:
+                state[prefix + k] = v
+        if module.teacher is not None:  # a pretraining run resumes: its optimizer takes them (tasks/base.py)
+            module.restored_masters = dict(masters)
     ema = state.pop(prefix + EMA_KEY, None)
     if module.teacher is None:
         return

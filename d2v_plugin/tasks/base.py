@@ -115,6 +115,7 @@ class EMAStepMixin:
     ranks' teachers are compared every ``ema_sync_check_interval`` updates."""
 
     def optimizer_step(self, optimizer, model, update_num):
+        restore_masters(optimizer, unwrap(model))
         scaler = getattr(optimizer, "scaler", None)  # --amp: fairseq steps even when the scaler skips the update
         scale = scaler.get_scale() if scaler is not None else None
         super().optimizer_step(optimizer, model, update_num)
@@ -147,6 +148,21 @@ def fp32_masters(optimizer) -> dict:
             offset[key] += n
         return out
     return {id(p): m.data for p, m in zip(params, masters)}
+
+
+def restore_masters(optimizer, model) -> None:
+    """After a resume, fairseq rebuilds the fp32 masters from the bf16/fp16 student (losing
+    what rounding hid); put back the masters the checkpoint saved, before the first step."""
+    saved = getattr(model, "restored_masters", None)
+    if not saved:
+        return
+    masters = fp32_masters(optimizer)
+    if masters:
+        for name, p in model.named_parameters():
+            if id(p) in masters and name in saved:
+                masters[id(p)].copy_(saved[name])
+        logger.info("restored %d fp32 master weights from the checkpoint", len(saved))
+    model.restored_masters = {}
 
 
 def check_teachers_agree(teacher, update: int) -> None:
