@@ -23,7 +23,15 @@ def read_root_list(path: str, error: type, name: str, made_by: str, root_kind: s
 
 
 class CompleteBatches:
-    """fairseq's batching without its loss of the last partial batch."""
+    """fairseq's batching without its loss of the last partial batch, batches made again
+    every epoch."""
+
+    @property
+    def can_reuse_epoch_itr_across_epochs(self) -> bool:
+        """No: the order (``ordered_indices``) depends on the epoch. fairseq's default reuses
+        epoch 1's batches (only shuffling them) for the rest of a run, but makes fresh ones
+        when a run resumes, so a restarted run saw other batches than an uninterrupted one."""
+        return False
 
     def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
         """fairseq's batching, plus the final partial batch that fairseq 0.12.3 drops when it is

@@ -57,6 +57,10 @@ class MultiModalityDataset(FairseqDataset):
     def ordered_indices(self):
         return np.arange(len(self), dtype=np.int64)
 
+    @property
+    def can_reuse_epoch_itr_across_epochs(self) -> bool:
+        return False  # batches depend on the epoch (see data/base.py CompleteBatches)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         for ds in self.datasets.values():
