@@ -2,7 +2,8 @@
 ``clone_batch`` values.
 
     python bench/pretrain.py [--modalities audio,image,text] [--sizes tiny,small,base]
-                             [--clones 1,4,8,16] [--reps 5] [--device cpu|cuda] [--out JSON]
+                             [--clones 1,4,8,16] [--reps 5] [--device cpu|cuda]
+                             [--precision fp32,bf16] [--out JSON]
 
 The model settings are the shipped YAMLs' ``model:`` sections (``config/pretrain/<modality>/
 {tiny,base}_{v1,v2}.yaml``; ``small`` = the tiny YAML at depth 6, width 256, the
@@ -22,8 +23,15 @@ time of each part of the step:
     backward / optimizer / ema
 
 "s/view" divides an update by B x clone_batch: the cost of one masked view of one sample.
-On a GPU the step runs in bf16 autocast and the table adds model FLOPs utilisation
-(FLOPs counted by ``torch.utils.flop_counter`` over one update / (time x peak bf16)).
+
+``--precision``: ``fp32``; ``bf16`` / ``fp16`` as fairseq's ``--bf16`` / ``--fp16`` train
+(the whole student cast, inputs cast, Adam on fp32 master copies that are cast back after
+each step, the EMA teacher fp32 and averaging the masters); on a GPU also ``autocast``
+(fp32 weights, bf16 autocast regions). Every row reports the step's achieved GFLOP/s
+(FLOPs of one update counted by ``torch.utils.flop_counter``) next to this machine's own
+matrix-product rate in the same precision (a 2048 x 2048 product, same threads, measured
+by the benchmark itself), so the distance to the machine's limit is visible; on a GPU also
+model FLOPs utilisation against the datasheet bf16 peak.
 """
 from __future__ import annotations
 
@@ -121,7 +129,52 @@ class PartTimer:
         setattr(obj, method, timed)
 
 
-def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=False) -> dict:
+DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
+
+
+class MasterWeights:
+    """fairseq's FP16Optimizer in miniature: the student's parameters cast to ``dtype``,
+    Adam on fp32 masters, gradients copied up and weights copied down around each step."""
+
+    def __init__(self, model, dtype, lr):
+        import torch
+
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        model.to(dtype)  # the teacher keeps fp32 (EMATeacher._apply)
+        self.masters = [p.detach().float().clone().requires_grad_(True) for p in self.params]
+        self.opt = torch.optim.Adam(self.masters, lr=lr)
+
+    def step(self):
+        for p, m in zip(self.params, self.masters):
+            m.grad = None if p.grad is None else p.grad.float()
+        self.opt.step()
+        for p, m in zip(self.params, self.masters):
+            p.data.copy_(m.data)
+            p.grad = None
+
+    def by_id(self):
+        return {id(p): m.data for p, m in zip(self.params, self.masters)}
+
+
+def matmul_gflops(dtype_name: str, device, n: int = 2048, reps: int = 5) -> float:
+    """This machine's matrix-product rate in a dtype: the median of ``reps`` n x n products."""
+    import torch
+
+    dtype = getattr(torch, DTYPES.get(dtype_name, "float32"))
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
+    times = []
+    for i in range(reps + 1):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        if i:
+            times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=False, precision="fp32") -> dict:
     import torch
 
     from d2v_plugin.models.d2v_multi import D2vMultiModel
@@ -132,13 +185,24 @@ def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=Fal
         cfg.compile_blocks = True
     model = D2vMultiModel(cfg).to(device).train()
     enc = model.modality_encoders[modality]
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     source, pad, units = make_batch(modality, size, cfg, mult, device)
     B = source.shape[0]
     M = cfg.clone_batch
     gpu = device != "cpu"
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if gpu else nullcontext
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if precision == "autocast" else nullcontext
+    if precision in DTYPES:
+        masters = MasterWeights(model, getattr(torch, DTYPES[precision]), 1e-4)
+        source = source.to(getattr(torch, DTYPES[precision])) if source.is_floating_point() else source
+        opt_step, ema_masters = masters.step, masters.by_id
+    else:
+        opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def opt_step():
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        ema_masters = dict
 
     timer = PartTimer(sync)
     timer.wrap(enc, "local_features", "local")
@@ -162,10 +226,9 @@ def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=Fal
         with timer.part("backward"):
             (out["losses"]["regression"] / out["sample_size"]).backward()
         with timer.part("optimizer"):
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            opt_step()
         with timer.part("ema"):
-            model.ema_step(i + 1)
+            model.ema_step(i + 1, ema_masters())
 
     times, parts = [], defaultdict(list)
     for i in range(reps + 2):
@@ -189,16 +252,19 @@ def one(modality, size, algorithm, clone, reps, device, mult, compile_blocks=Fal
                parts={p: statistics.median(v) for p, v in parts.items()})
     row["ema_pct"] = 100 * row["parts"]["ema"] / sec
     row["compiled"] = model.compiled
+    row["precision"] = precision
     if gpu:
         row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        row.update(flops_and_mfu(model, step, sec))
     else:
         row["peak_mem_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         row["threads"] = torch.get_num_threads()
+    row.update(flops_and_rates(step, sec, device, "bf16" if precision == "autocast" else precision))
     return row
 
 
-def flops_and_mfu(model, step, sec) -> dict:
+def flops_and_rates(step, sec, device, precision) -> dict:
+    """FLOPs of one update, the achieved GFLOP/s, the machine's matmul GFLOP/s in the same
+    precision, and on a GPU the model FLOPs utilisation against the datasheet bf16 peak."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -206,10 +272,13 @@ def flops_and_mfu(model, step, sec) -> dict:
     with counter:
         step(10**6)
     flops = counter.get_total_flops()
-    name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    return dict(gflop_per_update=flops / 1e9, gpu=name,
-                mfu_pct=None if peak is None else 100 * flops / sec / (peak * 1e12))
+    out = dict(gflop_per_update=flops / 1e9, achieved_gflops=flops / sec / 1e9, matmul_gflops=matmul_gflops(precision, device))
+    out["pct_of_matmul"] = 100 * out["achieved_gflops"] / out["matmul_gflops"]
+    if device != "cpu":
+        name = torch.cuda.get_device_name()
+        peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+        out.update(gpu=name, mfu_pct=None if peak is None else 100 * flops / sec / (peak * 1e12))
+    return out
 
 
 def cpu_name() -> str:
@@ -227,15 +296,17 @@ def device_name(device: str) -> str:
 
 def print_table(rows):
     gpu = any("mfu_pct" in r for r in rows)
-    head = (f"{'modality':<8} {'size':<5} {'alg':<3} {'M':>2} {'B':>3} {'params':>7} {'s/update':>9} {'throughput':>17} "
-            f"{'s/view':>8} {'peak MiB':>8} " + " ".join(f"{p[:7]:>7}" for p in PARTS) + (" MFU%" if gpu else ""))
+    head = (f"{'modality':<8} {'size':<5} {'alg':<3} {'prec':<5} {'M':>2} {'B':>3} {'params':>7} {'s/update':>9} "
+            f"{'throughput':>17} {'s/view':>8} {'peak MiB':>8} {'GFLOP/s':>8} {'matmul':>7} {'%mm':>5} "
+            + " ".join(f"{p[:7]:>7}" for p in PARTS) + (" MFU%" if gpu else ""))
     print(head)
     print("-" * len(head))
     for r in rows:
         parts = " ".join(f"{100 * r['parts'][p] / r['sec_per_update']:>6.1f}%" for p in PARTS)
         tp = f"{r['throughput']:.1f} {r['throughput_unit'].split()[0]}"
-        print(f"{r['modality']:<8} {r['size']:<5} {r['algorithm']:<3} {r['clone_batch']:>2} {r['batch']:>3} {r['params_m']:>6}M "
-              f"{r['sec_per_update']:>9.3f} {tp:>17} {r['sec_per_view']:>8.4f} {r['peak_mem_mib']:>8.0f} {parts}"
+        print(f"{r['modality']:<8} {r['size']:<5} {r['algorithm']:<3} {r.get('precision', 'fp32'):<5} {r['clone_batch']:>2} "
+              f"{r['batch']:>3} {r['params_m']:>6}M {r['sec_per_update']:>9.3f} {tp:>17} {r['sec_per_view']:>8.4f} "
+              f"{r['peak_mem_mib']:>8.0f} {r['achieved_gflops']:>8.1f} {r['matmul_gflops']:>7.0f} {r['pct_of_matmul']:>5.1f} {parts}"
               + (f" {r['mfu_pct']:.1f}" if gpu and r.get("mfu_pct") is not None else ""))
 
 
@@ -265,26 +336,35 @@ def main():
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--gpu-batch-mult", type=int, default=8, help="batch multiplier on a GPU")
     ap.add_argument("--compile", action="store_true", help="run the blocks through torch.compile (model.compile_blocks)")
-    ap.add_argument("--one", nargs=4, metavar=("MOD", "SIZE", "ALGO", "CLONE"), help=argparse.SUPPRESS)
+    ap.add_argument("--precision", default="fp32",
+                    help="comma-separated: fp32, bf16, fp16 (fairseq's --bf16/--fp16: cast student, fp32 masters), "
+                         "autocast (GPU: bf16 autocast over fp32 weights)")
+    ap.add_argument("--one", nargs=5, metavar=("MOD", "SIZE", "ALGO", "CLONE", "PREC"), help=argparse.SUPPRESS)
     a = ap.parse_args()
     mult = a.gpu_batch_mult if a.device != "cpu" else 1
     if a.one:
-        mod, size, algo, clone = a.one
-        print(json.dumps(one(mod, size, algo, int(clone), a.reps, a.device, mult, a.compile)))
+        mod, size, algo, clone, prec = a.one
+        print(json.dumps(one(mod, size, algo, int(clone), a.reps, a.device, mult, a.compile, prec)))
         return
+    bad = [p for p in a.precision.split(",") if p not in ("fp32", "bf16", "fp16", "autocast")]
+    if bad or (a.device == "cpu" and {"fp16", "autocast"} & set(a.precision.split(","))):
+        sys.exit(f"--precision {a.precision}: choose from fp32, bf16 (CPU and GPU), fp16, autocast (GPU)")
     rows = []
     for mod in a.modalities.split(","):
         for size in a.sizes.split(","):
             for algo in a.algorithms.split(","):
                 clones = [1] if algo == "v1" else [int(c) for c in (a.base_clones if size == "base" else a.clones).split(",")]
                 for clone in clones:
-                    cmd = [sys.executable, os.path.abspath(__file__), "--one", mod, size, algo, str(clone), "--reps", str(a.reps),
-                           "--device", a.device, "--gpu-batch-mult", str(a.gpu_batch_mult)] + (["--compile"] if a.compile else [])
-                    res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
-                    if res.returncode:
-                        sys.exit(f"{mod} {size} {algo} clone_batch {clone} failed:\n{res.stderr[-3000:]}")
-                    rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
-                    print(f"  {mod} {size} {algo} M={clone}: {rows[-1]['sec_per_update']:.3f} s/update", file=sys.stderr)
+                    for prec in a.precision.split(","):  # precisions side by side, one process each
+                        cmd = [sys.executable, os.path.abspath(__file__), "--one", mod, size, algo, str(clone), prec,
+                               "--reps", str(a.reps), "--device", a.device, "--gpu-batch-mult", str(a.gpu_batch_mult)]
+                        res = subprocess.run(cmd + (["--compile"] if a.compile else []), capture_output=True, text=True,
+                                             cwd=ROOT)
+                        if res.returncode:
+                            sys.exit(f"{mod} {size} {algo} clone_batch {clone} {prec} failed:\n{res.stderr[-3000:]}")
+                        rows.append(json.loads(res.stdout.strip().splitlines()[-1]))
+                        print(f"  {mod} {size} {algo} M={clone} {prec}: {rows[-1]['sec_per_update']:.3f} s/update",
+                              file=sys.stderr)
     print(f"device: {device_name(a.device)}; medians of {a.reps} updates; parts in % of an update")
     print_table(rows)
     lines = summary(rows)
