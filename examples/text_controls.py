@@ -193,7 +193,7 @@ def finished_pretraining(method: str, data: str, save: str, log: str, a) -> dict
 def finetune_variant(ft_set: list) -> str:
     """Folder/key suffix of a fine-tuning variant (``--ft-set``), so that runs with other
     fine-tuning settings neither reuse nor overwrite each other's logs and results."""
-    return "".join("_" + re.sub(r"[^\w.=-]+", "", kv) for kv in ft_set)
+    return "".join("_" + re.sub(r"[^\w.-]+", "", kv.replace("=", "-")) for kv in ft_set)  # "=" breaks Hydra paths
 
 
 def best_valid(log: str) -> float:
