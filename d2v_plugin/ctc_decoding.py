@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from .data.letters import WORD_SEP
-from .modules.ctc import ctc_best_path
+from .modules.ctc import ctc_best_path, emitting_frames
 
 DECODERS = ("viterbi", "beam", "kenlm")
 Hypothesis = Tuple[Tensor, Tensor, float]  # tokens (S,), per-token scores (S,), path score
@@ -97,19 +97,19 @@ class CTCDecoder:
         if WORD_SEP not in self.symbols:
             raise DecoderError(f"beam decoding needs letter labels with the word separator {WORD_SEP!r} (prep.asr_labels)")
         self.sil = self.symbols.index(WORD_SEP)
-        fl, _ = _flashlight()
+        self.index = {sym: i for i, sym in enumerate(self.symbols)}
+        fl, fd = _flashlight()
         kind = fl.CriterionType.CTC
         if self.s.kind == "beam":
             opts = fl.LexiconFreeDecoderOptions(self.s.beam, len(self.symbols), self.s.beam_threshold, 0.0,
                                                 self.s.sil_score, True, kind)
             self.decoder = fl.LexiconFreeDecoder(opts, fl.ZeroLM(), self.sil, blank, [])
         else:
-            self.decoder = self._lexicon_decoder(fl, kind)
+            self.decoder = self._lexicon_decoder(fl, fd, kind)
 
-    def _lexicon_decoder(self, fl, kind):
-        _, fd = _flashlight()
+    def _lexicon_decoder(self, fl, fd, kind):
         lexicon = fd.load_words(self.s.lexicon)  # {word: [spelling, ...]}
-        index = {sym: i for i, sym in enumerate(self.symbols)}
+        index = self.index
         unknown = sorted({u for spellings in lexicon.values() for sp in spellings for u in sp if u not in index})
         if unknown:
             raise DecoderError(f"{self.s.lexicon}: units {' '.join(unknown)} are not labels of this model's dictionary; "
@@ -147,15 +147,10 @@ class CTCDecoder:
     def _collapse(self, frames: Sequence[int]) -> Tensor:
         """Frame labels -> tokens: repeats merged, blanks and -1 removed (the search's (T + 2)
         labels start and end with its own separator states, dropped by the caller)."""
-        tokens, prev = [], None
-        for t in frames:
-            if t != prev and t != self.blank and t >= 0:
-                tokens.append(t)
-            prev = t
-        return torch.tensor(tokens, dtype=torch.long)
+        path = torch.tensor(list(frames), dtype=torch.long)
+        return path[emitting_frames(path, self.blank) & (path >= 0)]
 
     def _spell(self, words: Sequence[int]) -> Tensor:
         """Word ids -> their letters, each word followed by the separator (the .ltr layout)."""
-        index = {sym: i for i, sym in enumerate(self.symbols)}
-        tokens = [index[u] for w in words if w >= 0 for u in [*self.words.get_entry(w), WORD_SEP]]
+        tokens = [self.index[u] for w in words if w >= 0 for u in [*self.words.get_entry(w), WORD_SEP]]
         return torch.tensor(tokens, dtype=torch.long)

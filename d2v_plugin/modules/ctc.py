@@ -36,6 +36,14 @@ def finetune_mask(
     return feats
 
 
+def emitting_frames(path: Tensor, blank: int) -> Tensor:
+    """path: (T,) frame labels -> (T,) bool, True where a frame emits a token: the first of
+    a run of equal labels, unless it is the blank (CTC's collapse)."""
+    new = torch.ones_like(path, dtype=torch.bool)
+    new[1:] = path[1:] != path[:-1]
+    return new & (path != blank)
+
+
 def ctc_best_path(lprobs: Tensor, lengths: Tensor, blank: int) -> List[Tuple[Tensor, Tensor, float]]:
     """lprobs: (B, T, V) log-probabilities, lengths: (B,) valid frames ->
     per sample (tokens (S,), log-prob of the frame that emitted each token (S,), path score):
@@ -44,8 +52,6 @@ def ctc_best_path(lprobs: Tensor, lengths: Tensor, blank: int) -> List[Tuple[Ten
     out = []
     for b, n in enumerate(lengths.tolist()):
         path, scores = labels[b, :n], best[b, :n]
-        new = torch.ones_like(path, dtype=torch.bool)
-        new[1:] = path[1:] != path[:-1]
-        emit = new & (path != blank)
+        emit = emitting_frames(path, blank)
         out.append((path[emit], scores[emit], float(scores.sum())))
     return out

@@ -106,7 +106,7 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
         self.make_teacher()
         if s.compile_blocks:
             self.compile_blocks()
-        self.masters: Dict[str, Tensor] = {}  # the optimizer's fp32 masters, saved beside the student
+        self.masters: Dict[int, Tensor] = {}  # the optimizer's fp32 masters by id(parameter), saved beside the student
         self.restored_masters: Dict[str, Tensor] = {}  # masters read from a checkpoint, for the optimizer
         self._register_state_dict_hook(_teacher_to_ema_entry)
         self._register_load_state_dict_pre_hook(_ema_entry_to_teacher, with_module=True)
@@ -135,9 +135,9 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
     def ema_step(self, num_updates: int, masters: Optional[Dict[int, Tensor]] = None) -> None:
         """Called once after each optimizer update; ``num_updates`` counts that update;
         ``masters``: fp32 master weights by id(parameter) (see ``EMATeacher.step``), also kept
-        (by name) for the checkpoint, so that a resumed bf16/fp16 run continues from them."""
+        for the checkpoint, so that a resumed bf16/fp16 run continues from them."""
         if masters:
-            self.masters = {n: masters[id(p)] for n, p in self.named_parameters() if id(p) in masters}
+            self.masters = masters
         self.ema_decay = ema_decay_at(num_updates, self.settings.ema_decay, self.settings.ema_end_decay, self.settings.ema_anneal_end_step)
         if self.teacher is not None and self.ema_decay < 1.0:
             self.teacher.step(self, self.ema_decay, masters)
@@ -303,7 +303,8 @@ def _teacher_to_ema_entry(module: Data2Vec, state: Dict, prefix: str, local_meta
     if module.teacher is not None:
         state[prefix + EMA_KEY] = ema
     if module.masters:
-        state[prefix + MASTERS_KEY] = {k: v.detach().clone() for k, v in module.masters.items()}
+        state[prefix + MASTERS_KEY] = {n: module.masters[id(p)].detach().clone() for n, p in module.named_parameters()
+                                       if id(p) in module.masters}
 
 
 def _ema_entry_to_teacher(module: Data2Vec, state: Dict, prefix: str, local_metadata, strict, missing, unexpected, errors) -> None:
