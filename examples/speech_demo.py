@@ -66,11 +66,6 @@ def check_pretrained(path):
     return cfg, same, fp32, n_params
 
 
-def losses(log):
-    text = open(log).read()
-    return [(int(m.group(2)), float(m.group(1))) for m in re.finditer(r"train_inner\].*?loss=([\d.]+).*?num_updates=(\d+)", text)]
-
-
 def decode(asr, ckpt, log, *decoder):
     """fairseq-generate on the test split -> (CER %, WER %, utterances, first reference, its hypothesis)."""
     r = generate(asr, ckpt, "test", log, *decoder)
