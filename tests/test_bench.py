@@ -38,10 +38,12 @@ def test_bench_configs_are_the_shipped_yamls():
 
 
 @pytest.mark.slow
-def test_bench_one_configuration_reports_every_part():
-    out = subprocess.run([sys.executable, "bench/pretrain.py", "--one", "image", "tiny", "v2", "2", "--reps", "1"],
-                         capture_output=True, text=True, check=True, cwd=REPO).stdout
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bench_one_configuration_reports_every_part(precision):
+    out = subprocess.run([sys.executable, "bench/pretrain.py", "--one", "image", "tiny", "v2", "2", precision,
+                          "--reps", "1"], capture_output=True, text=True, check=True, cwd=REPO).stdout
     row = json.loads(out.strip().splitlines()[-1])
+    assert row["precision"] == precision and row["achieved_gflops"] > 0 and row["matmul_gflops"] > 0
     assert row["clone_batch"] == 2 and row["batch"] == 32 and row["frames"] == 64
     assert set(row["parts"]) == set(bench_pretrain.PARTS)
     assert all(v >= 0 for v in row["parts"].values()) and row["parts"]["teacher"] > 0 and row["parts"]["decoder"] > 0
