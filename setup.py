@@ -24,7 +24,9 @@ setup(
         "Pillow>=9",
     ],
     extras_require={
-        "test": ["pytest>=7", "ruff>=0.5", "flashlight-text>=0.0.7"],
+        "test": ["pytest>=7", "ruff>=0.5", "flashlight-text>=0.0.7", "safetensors>=0.4", "transformers>=4.40"],
+        # python -m d2v_plugin.export --to safetensors|hf, d2v_plugin.load(DIR) of an export
+        "hf": ["safetensors>=0.4", "transformers>=4.40"],
         # fairseq-generate --decoder beam|kenlm: flashlight-text's CTC beam search with KenLM built in
         "lm": ["flashlight-text>=0.0.7"],
         # training_curves.png at the end of every run and `python -m d2v_plugin.plot`

@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import os
 import shutil
 import typing
+from typing import Any, Dict, Optional
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 def _safe_globals() -> list:
@@ -54,8 +58,10 @@ def atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
 
 
 def _make_checkpoint_copies_atomic() -> None:
-    from fairseq import file_io
-
+    try:
+        from fairseq import file_io
+    except ImportError:  # loading without fairseq: nothing to patch
+        return
     if file_io.IOPathManager is None and not getattr(file_io.PathManager.copy, "atomic", False):
         atomic_copy.atomic = True
         file_io.PathManager.copy = staticmethod(atomic_copy)
@@ -105,11 +111,14 @@ def load_checkpoint(path: str, need: str, upgrade: bool = True) -> dict:
     """fairseq's ``load_checkpoint_to_cpu`` with one-line errors: ``need`` says what the
     command expects (e.g. "a d2v_plugin pretraining checkpoint (checkpoint_last.pt)").
     ``upgrade=False``: torch's safe loader only, without fairseq's upgrade of old layouts
-    (conversion reads ``cfg`` and ``model`` and nothing else, so trimmed checkpoints do)."""
-    from fairseq import checkpoint_utils
-
+    (conversion reads ``cfg`` and ``model`` and nothing else, so trimmed checkpoints do);
+    also what happens without fairseq (checkpoints of fairseq >= 0.10 need no upgrade)."""
     if not os.path.isfile(path):
         raise CheckpointError(f"{path}: file not found; {need} is needed")
+    try:
+        from fairseq import checkpoint_utils
+    except ImportError:
+        upgrade = False
     if not upgrade:
         return _safe_load(path, need)
     try:
@@ -127,3 +136,49 @@ def _require_model(path: str, ckpt, need: str) -> dict:
         raise CheckpointError(f"{path} is a torch file but not a fairseq checkpoint ({kind}, no 'model' entry); "
                               f"{need} is needed")
     return ckpt
+
+
+class PretrainedCheckpointError(ValueError):
+    """A pretrained checkpoint that cannot be fine-tuned or extracted from as asked."""
+
+
+def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
+    """-> {"model": config dict, "task": task settings, "state": weights, "task_state": the
+    task's saved state} of a d2v_plugin pretraining checkpoint (or an official data2vec /
+    RoBERTa one, converted) with a ``modality`` encoder (any, if None). Needs no fairseq."""
+    from omegaconf import OmegaConf
+
+    from .modules.data2vec import parse_modalities
+    from .official import OFFICIAL_MODELS, convert_checkpoint, model_name
+
+    try:
+        ckpt = load_checkpoint(path, "a d2v_plugin pretraining checkpoint (checkpoint_last.pt of a d2v_multi run) "
+                                     "or an official data2vec one")
+    except CheckpointError as e:
+        raise PretrainedCheckpointError(str(e)) from None
+    cfg = ckpt.get("cfg")
+    if model_name(cfg) in OFFICIAL_MODELS:
+        logger.info("%s: an official %s checkpoint, converted on load", path, model_name(cfg))
+        ckpt = convert_checkpoint(ckpt)
+        cfg = ckpt["cfg"]
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg is not None and cfg.get("model") else {}
+    name = model_cfg.get("_name")
+    if name != "d2v_multi":
+        origin = model_cfg.get("pretrained_path")
+        hint = (f"; it is a fine-tuned {name} checkpoint: use the pretraining checkpoint it started from "
+                f"(its model.pretrained_path: {origin})" if origin else "")
+        raise PretrainedCheckpointError(
+            f"{path}: model {name!r} is neither a d2v_plugin pretraining checkpoint (d2v_multi) nor an official "
+            f"data2vec one (data2vec_multi, data2vec_audio, data2vec_text) nor fairseq RoBERTa{hint}"
+        )
+    if modality is not None and modality not in parse_modalities(model_cfg.get("modalities", "audio")):
+        raise PretrainedCheckpointError(f"{path}: the model has no {modality} encoder (modalities={model_cfg['modalities']!r})")
+    task = OmegaConf.to_container(cfg.task, resolve=True) if cfg.get("task") is not None else {}
+    return {"model": model_cfg, "task": task, "state": ckpt["model"], "task_state": ckpt.get("task_state") or {}}
+
+
+def audio_normalize(task: Dict[str, Any]) -> bool:
+    """Whether the pretraining fed normalised waveforms (speech task: ``normalize``; joint
+    multimodal task: ``audio_normalize``)."""
+    return bool(task.get("normalize", task.get("audio_normalize", True)))

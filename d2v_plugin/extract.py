@@ -20,6 +20,7 @@ In Python::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import logging
 import os
@@ -61,7 +62,7 @@ class Extractor:
         try:
             if self.modality == "audio":
                 from .data.audio import load_audio
-                from .models.pretrained import audio_normalize
+                from .checkpoints import audio_normalize
                 from .modules.feature_extractor import receptive_field
 
                 wav = torch.from_numpy(load_audio(str(item), int(self.task.get("sample_rate", 16000)), "input"))
@@ -116,6 +117,38 @@ class Extractor:
             return torch.stack([y[:, E:] for y in outputs], dim=1), pad
         return out["x"], pad
 
+    @torch.no_grad()
+    def hidden(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        """A batch -> (B, L + 1, E + T, D): the shared blocks' input, then every block's output,
+        extra tokens (image CLS) first; and the (B, T) padding."""
+        m = self.model
+        states: List[torch.Tensor] = []
+        pre = m.blocks[0].register_forward_pre_hook(lambda mod, args: states.append(args[0]))
+        hooks = [blk.register_forward_hook(lambda mod, i, o: states.append(o[0])) for blk in m.blocks]
+        try:
+            out = m.extract_features(source, padding_mask, modality=self.modality)
+        finally:
+            for h in [pre, *hooks]:
+                h.remove()
+        return torch.stack(states, dim=1), out["padding_mask"]
+
+    @property
+    def downsampling(self) -> int:
+        """Input units per output position: audio samples per frame (320 = 20 ms at 16 kHz),
+        image pixels per patch side, 1 token per token for text."""
+        if self.modality == "audio":
+            return int(np.prod([layer.stride for layer in self.encoder.spec]))
+        if self.modality == "image":
+            return int(self.encoder.patch_embed.patch)
+        return 1
+
+    @property
+    def frame_rate(self) -> Optional[float]:
+        """Audio frames per second (sample rate / downsampling); None for images and text."""
+        if self.modality != "audio":
+            return None
+        return int(self.task.get("sample_rate", 16000)) / self.downsampling
+
     def block_index(self, layer) -> int:
         """--layer N (1-based block) -> 0-based index, or an error listing the choices."""
         depth = len(self.model.blocks)
@@ -125,18 +158,24 @@ class Extractor:
         return n - 1
 
     def extract(self, inputs: Iterable, layer="last", pool: str = "none", batch_size: int = 8,
-                progress: bool = False) -> List[np.ndarray]:
+                progress: bool = False, hidden_states: bool = False) -> List:
         """inputs: paths (audio, image) or sentences (text) -> one float32 array per input:
-        (T, D) / (L, T, D) with ``pool="none"`` (padding removed), (D,) / (L, D) with ``"mean"``."""
+        (T, D) / (L, T, D) with ``pool="none"`` (padding removed), (D,) / (L, D) with ``"mean"``.
+        ``hidden_states=True``: one ``HiddenStates`` per input instead (every layer, lengths,
+        pooled vectors; ``layer`` and ``pool`` are not used)."""
         if pool not in ("none", "mean"):
             raise ExtractError(f"pool={pool!r}: choose none or mean")
         if layer not in ("last", "avg_top_k", "all"):
             self.block_index(layer)
         inputs = list(inputs)
-        results: List[np.ndarray] = []
+        results: List = []
         bar = _progress(len(inputs), progress)
         for start in range(0, len(inputs), batch_size):
             sources = [self.read(x) for x in inputs[start : start + batch_size]]
+            if hidden_states:
+                results += self._hidden_states(inputs[start : start + batch_size], *self.batch(sources))
+                bar.update(len(sources))
+                continue
             feats, pad = self.features(*self.batch(sources), layer=layer)
             time_axis = feats.dim() - 2  # (B, T, D) -> 1; (B, L, T, D) -> 2
             for b in range(len(sources)):
@@ -152,6 +191,33 @@ class Extractor:
             bar.update(len(sources))
         bar.close()
         return results
+
+
+    def _hidden_states(self, items: Sequence, source: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> List["HiddenStates"]:
+        states, pad = self.hidden(source, padding_mask)
+        E = self.encoder.num_extra
+        out = []
+        for b, item in enumerate(items):
+            T = states.shape[2] - E if pad is None else int((~pad[b]).sum())
+            x = states[b, :, E : E + T].float()  # (L + 1, T, D)
+            if T == 0 or not torch.isfinite(states[b]).all():
+                raise ExtractError(f"{item}: the hidden states have {'no frames' if T == 0 else 'NaN or infinite values'} "
+                                   f"({self.path}); check the input and the checkpoint")
+            cls = states[b, :, E - 1].float().numpy() if E else None
+            out.append(HiddenStates(x.numpy(), T, x.mean(1).numpy(), cls))
+        return out
+
+
+@dataclasses.dataclass
+class HiddenStates:
+    """Every layer of one input, as transformers' ``output_hidden_states`` / s3prl's
+    ``hidden_states``: index 0 is the shared blocks' input (after positions and the context
+    stage), index i the output of block i."""
+
+    hidden_states: np.ndarray  # (L + 1, T, D), padding removed
+    length: int  # T, the valid frames / patches / tokens
+    mean: np.ndarray  # (L + 1, D): mean over the T positions
+    cls: Optional[np.ndarray] = None  # (L + 1, D): the last extra token (image CLS), where the model has one
 
 
 def _progress(total: int, enabled: bool):
@@ -170,7 +236,8 @@ def _text_vocabulary(task: dict, task_state: dict, path: str):
     """The dictionary and sentencepiece model a text checkpoint was trained with: from the
     checkpoint itself (saved by d2v_text_pretraining), else from task.data."""
     import sentencepiece as spm
-    from fairseq.data import Dictionary
+
+    from .vocab import Vocabulary as Dictionary
 
     saved_dict, saved_spm = task_state.get("dictionary"), task_state.get("spm_model")
     data = task.get("data") or ""
@@ -189,20 +256,61 @@ def _text_vocabulary(task: dict, task_state: dict, path: str):
     return dictionary, spm.SentencePieceProcessor(model_proto=model)
 
 
-def load(path: str, modality: Optional[str] = None) -> Extractor:
-    """A d2v_plugin pretraining checkpoint (``d2v_multi``) -> ``Extractor``; ``modality``
-    picks the encoder of a multimodal model."""
-    from .models.config import D2vMultiConfig
-    from .models.pretrained import PretrainedCheckpointError, read_pretrained
-    from .models.settings import model_settings
-    from .modules.data2vec import Data2Vec, parse_modalities
+WEIGHTS = ("student", "teacher")
 
-    if not os.path.isfile(path):
+
+def build_model(model_cfg: dict, state: dict, weights: str = "student", path: str = "",
+                stripped: bool = False) -> "torch.nn.Module":
+    """A ``d2v_multi`` config dict and state dict -> the ``Data2Vec`` encoder in eval mode, the
+    pretraining-only parts (teacher, decoders, regression head) removed. ``weights="teacher"``:
+    the EMA teacher's tensors (named like the student's) replace the student's where the
+    teacher has its own (blocks, context stage, and what else it does not share). ``stripped``:
+    ``state`` is already without those parts (an export)."""
+    from .models.config import D2vMultiConfig
+    from .models.settings import model_settings
+    from .modules.data2vec import EMA_KEY, MASTERS_KEY, Data2Vec
+
+    if weights not in WEIGHTS:
+        raise ExtractError(f"weights={weights!r}: choose student or teacher")
+    fields = set(D2vMultiConfig.__dataclass_fields__)
+    model = Data2Vec(model_settings(D2vMultiConfig(**{k: v for k, v in model_cfg.items() if k in fields})))
+    model.teacher = None
+    state = dict(state)
+    if weights == "teacher":
+        ema = state.pop(EMA_KEY, None)
+        if ema is None:
+            raise ExtractError(f"{path} holds no EMA teacher (no {EMA_KEY!r} entry: a fine-tuned, converted or exported "
+                               "student); use weights=student or the pretraining checkpoint")
+        state.pop(MASTERS_KEY, None)  # the student's fp32 masters would overwrite the teacher's tensors
+        state.update(ema)
+    if stripped:
+        model.remove_pretraining_modules()
+    model.load_state_dict(state)
+    model.remove_pretraining_modules()
+    return model.eval()
+
+
+def load(path: str, modality: Optional[str] = None, weights: str = "student") -> Extractor:
+    """A d2v_plugin pretraining checkpoint (``d2v_multi``), an official data2vec one, or a folder
+    written by ``python -m d2v_plugin.export --to safetensors`` -> ``Extractor``; ``modality``
+    picks the encoder of a multimodal model, ``weights`` the student or the EMA teacher."""
+    from .checkpoints import PretrainedCheckpointError, read_pretrained
+    from .modules.data2vec import parse_modalities
+
+    if os.path.isdir(path):
+        from .export import ExportError, read_export
+
+        try:
+            pre = read_export(path, weights)
+        except ExportError as e:
+            raise ExtractError(str(e)) from e
+    elif not os.path.isfile(path):
         raise ExtractError(f"--checkpoint {path!r}: file not found")
-    try:
-        pre = read_pretrained(path, None)
-    except PretrainedCheckpointError as e:
-        raise ExtractError(str(e)) from e
+    else:
+        try:
+            pre = read_pretrained(path, None)
+        except PretrainedCheckpointError as e:
+            raise ExtractError(str(e)) from e
     modalities = parse_modalities(pre["model"].get("modalities", "audio"))
     if modality is None:
         if len(modalities) != 1:
@@ -211,10 +319,8 @@ def load(path: str, modality: Optional[str] = None) -> Extractor:
     if modality not in modalities:
         raise ExtractError(f"{path} has no {modality} encoder (modalities={','.join(modalities)}); "
                            "use a checkpoint of that modality or --modality " + modalities[0])
-    fields = set(D2vMultiConfig.__dataclass_fields__)
-    model = Data2Vec(model_settings(D2vMultiConfig(**{k: v for k, v in pre["model"].items() if k in fields})))
-    model.teacher = None  # features come from the student (the checkpoint's teacher entry is not read)
-    model.load_state_dict(pre["state"])
+    exported = os.path.isdir(path)  # its weights are already the ones asked for (read_export checks)
+    model = build_model(pre["model"], pre["state"], "student" if exported else weights, path, stripped=exported)
     model.remove_pretraining_modules(modality)
     return Extractor(model, modality, pre["task"], pre["task_state"], path)
 
@@ -250,17 +356,19 @@ def read_inputs(paths: Sequence[str], modality: str) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="d2v_plugin pretraining checkpoint (checkpoint_last.pt)")
+    ap.add_argument("--checkpoint", required=True, help="d2v_plugin pretraining checkpoint (checkpoint_last.pt), official data2vec checkpoint, or export folder")
     ap.add_argument("--input", required=True, nargs="+", help="files, a .tsv manifest/list, or (text) files of lines")
     ap.add_argument("--layer", default="last", help=f"which representation: {LAYERS}")
     ap.add_argument("--pool", default="none", choices=["none", "mean"], help="mean over real positions, or none")
     ap.add_argument("--out", required=True, help="OUT.npz (one archive) or a folder (one .npy per input + ids.txt)")
     ap.add_argument("--modality", default=None, help="the encoder of a multimodal checkpoint (audio, image, text)")
     ap.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
+    ap.add_argument("--weights", default="student", choices=WEIGHTS,
+                    help="the student's weights or the EMA teacher's (the model that computed the targets)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
-        ex = load(a.checkpoint, a.modality)
+        ex = load(a.checkpoint, a.modality, a.weights)
         inputs = read_inputs(a.input, ex.modality)
         feats = ex.extract(inputs, a.layer, a.pool, a.batch_size, progress=True)
     except ExtractError as e:

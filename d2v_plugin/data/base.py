@@ -6,7 +6,11 @@ import os
 from typing import List, Sequence, Tuple
 
 import numpy as np
-from fairseq.data import FairseqDataset
+
+try:
+    from fairseq.data import FairseqDataset
+except ImportError:  # without fairseq only the file readers of data/ are used (extraction)
+    from torch.utils.data import Dataset as FairseqDataset
 
 
 def read_root_list(path: str, error: type, name: str, made_by: str, root_kind: str) -> Tuple[str, List[Tuple[int, str]]]:

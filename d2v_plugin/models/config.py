@@ -11,7 +11,15 @@ Base recipe unless the help says otherwise.
 from dataclasses import dataclass, field
 from typing import Optional
 
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+try:
+    from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+except ImportError:  # loading and extracting without fairseq: the same fields on plain dataclasses
+    def ChoiceEnum(choices):  # noqa: N802  (fairseq's name)
+        return str
+
+    @dataclass
+    class FairseqDataclass:
+        _name: Optional[str] = None
 
 ALGORITHM = ChoiceEnum(["v1", "v2"])
 # several norms joined by "_" apply left to right, in the official code's order

@@ -4,23 +4,19 @@ learning rates)."""
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 from fairseq.dataclass import FairseqDataclass
 from fairseq.models import BaseFairseqModel
 from omegaconf import DictConfig, OmegaConf
 
+from ..checkpoints import PretrainedCheckpointError, audio_normalize, read_pretrained  # noqa: F401  (their home before)
 from ..fairseq_utils import set_cfg_field
-from ..modules.data2vec import Data2Vec, parse_modalities
-from ..official import OFFICIAL_MODELS, convert_checkpoint, model_name
+from ..modules.data2vec import Data2Vec
 from .config import D2vMultiConfig
 from .settings import model_settings
 
 logger = logging.getLogger(__name__)
-
-
-class PretrainedCheckpointError(ValueError):
-    """A pretrained checkpoint that cannot be fine-tuned as asked."""
 
 
 @dataclass
@@ -49,45 +45,6 @@ class FinetuneConfig(FairseqDataclass):
         default=1.0,
         metadata={"help": "lr scale decay per block towards the input (< 1 needs optimizer composite with dynamic_groups)"},
     )
-
-
-def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
-    """-> {"model": config dict, "task": task settings, "state": weights, "task_state": the
-    task's saved state} of a d2v_plugin pretraining checkpoint with a ``modality`` encoder
-    (any, if None)."""
-    from ..checkpoints import CheckpointError, load_checkpoint
-
-    try:
-        ckpt = load_checkpoint(path, "a d2v_plugin pretraining checkpoint (checkpoint_last.pt of a d2v_multi run) "
-                                     "or an official data2vec one")
-    except CheckpointError as e:
-        raise PretrainedCheckpointError(str(e)) from None
-    cfg = ckpt.get("cfg")
-    if model_name(cfg) in OFFICIAL_MODELS:
-        logger.info("%s: an official %s checkpoint, converted on load", path, model_name(cfg))
-        ckpt = convert_checkpoint(ckpt)
-        cfg = ckpt["cfg"]
-    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    model_cfg = OmegaConf.to_container(cfg.model, resolve=True) if cfg is not None and cfg.get("model") else {}
-    name = model_cfg.get("_name")
-    if name != "d2v_multi":
-        origin = model_cfg.get("pretrained_path")
-        hint = (f"; it is a fine-tuned {name} checkpoint: use the pretraining checkpoint it started from "
-                f"(its model.pretrained_path: {origin})" if origin else "")
-        raise PretrainedCheckpointError(
-            f"{path}: model {name!r} is neither a d2v_plugin pretraining checkpoint (d2v_multi) nor an official "
-            f"data2vec one (data2vec_multi, data2vec_audio, data2vec_text) nor fairseq RoBERTa{hint}"
-        )
-    if modality is not None and modality not in parse_modalities(model_cfg.get("modalities", "audio")):
-        raise PretrainedCheckpointError(f"{path}: the model has no {modality} encoder (modalities={model_cfg['modalities']!r})")
-    task = OmegaConf.to_container(cfg.task, resolve=True) if cfg.get("task") is not None else {}
-    return {"model": model_cfg, "task": task, "state": ckpt["model"], "task_state": ckpt.get("task_state") or {}}
-
-
-def audio_normalize(task: Dict[str, Any]) -> bool:
-    """Whether the pretraining fed normalised waveforms (speech task: ``normalize``; joint
-    multimodal task: ``audio_normalize``)."""
-    return bool(task.get("normalize", task.get("audio_normalize", True)))
 
 
 class FinetuneModel(BaseFairseqModel):
