@@ -356,8 +356,8 @@ def read_inputs(paths: Sequence[str], modality: str) -> List[str]:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="d2v_plugin pretraining checkpoint (checkpoint_last.pt), an official data2vec one, "
-                                                           "or an export folder")
+    ap.add_argument("--checkpoint", required=True,
+                    help="d2v_plugin pretraining checkpoint (checkpoint_last.pt), an official data2vec one, or an export folder")
     ap.add_argument("--input", required=True, nargs="+", help="files, a .tsv manifest/list, or (text) files of lines")
     ap.add_argument("--layer", default="last", help=f"which representation: {LAYERS}")
     ap.add_argument("--pool", default="none", choices=["none", "mean"], help="mean over real positions, or none")
