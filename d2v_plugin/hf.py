@@ -1,0 +1,227 @@
+"""Export to Hugging Face ``transformers`` (``python -m d2v_plugin.export CKPT --to hf``).
+
+transformers' ``Data2VecText*`` (RoBERTa layout) and ``Data2VecAudio*`` (wav2vec 2.0 layout
+with a multi-layer positional convolution) compute exactly what the plugin computes when the
+model is post-LN with LayerNorm eps 1e-5 and no context-stage blocks, and for speech has a
+layer-normed conv extractor and no ALiBi: data2vec 1.0 text and speech, data2vec 2.0 text.
+Everything else is refused with the reason (``hf_blocker``): data2vec 2.0 speech adds ALiBi
+and prenet blocks, and no transformers class computes ``Data2VecVision``'s layer scale and
+relative positions from the plugin's image blocks (nor data2vec 2.0's image encoder).
+
+Weight mapping: the fused ``qkv`` projection is split into query, key and value; the rest
+is renamed. For text, the folder gets a fast tokenizer (``AutoTokenizer``) that reproduces
+sentencepiece + fairseq dictionary ids: transformers' own sentencepiece converter builds
+the BPE, whose pieces are then numbered as in ``dict.txt``. Pieces the dictionary does not
+hold (fairseq maps them to ``<unk>``) get ids after the dictionary, and the exported
+embedding table repeats the ``<unk>`` row for them, so the model sees the same vectors.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .export import ExportError, _text_files
+
+HF_MODEL_TYPES = {"audio": "data2vec-audio", "text": "data2vec-text"}
+
+
+def hf_blocker(model_cfg: Dict) -> Optional[str]:
+    """Why no transformers class computes this model exactly, or None."""
+    from .modules.data2vec import parse_modalities
+
+    mods = parse_modalities(model_cfg.get("modalities", "audio"))
+    if len(mods) != 1:
+        return f"a multimodal model ({', '.join(mods)}): transformers has one class per modality"
+    m = mods[0]
+    if m == "image":
+        return ("images: transformers' Data2VecVision is BEiT (layer scale, relative position bias, pre-LN), which the "
+                "plugin's image encoders (data2vec 2.0: fixed sin-cos positions, post-LN, prenet) do not compute")
+    if model_cfg.get("layer_norm_first"):
+        return "pre-LN blocks (layer_norm_first=true): Data2VecAudio/Data2VecText are post-LN"
+    if float(model_cfg.get("norm_eps", 1e-5)) != 1e-5:
+        return f"norm_eps={model_cfg['norm_eps']}: transformers uses one eps for every LayerNorm here, the plugin 1e-5 in some"
+    if int(model_cfg.get(f"{m}_prenet_depth", 0)):
+        return f"{m}_prenet_depth={model_cfg[f'{m}_prenet_depth']}: context-stage blocks have no transformers counterpart"
+    if m == "audio":
+        if model_cfg.get("audio_use_alibi", False):
+            return ("ALiBi attention bias (data2vec 2.0 speech): Data2VecAudio has only the convolutional positions; "
+                    "use --to safetensors and d2v_plugin.load")
+        if model_cfg.get("audio_extractor_mode", "layer_norm") != "layer_norm":
+            return "a group-norm conv extractor: Data2VecAudio's feature extractor is layer-normed"
+    return None
+
+
+def _split_qkv(w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    D = w.shape[0] // 3
+    return w[:D], w[D : 2 * D], w[2 * D :]
+
+
+def _blocks(state: Dict[str, torch.Tensor], depth: int, names: Dict[str, str], prefix: str) -> Dict[str, torch.Tensor]:
+    """The shared blocks in transformers' names; ``names`` maps q, k, v, o, ln1, fc1, fc2, ln2."""
+    out = {}
+    for i in range(depth):
+        b, p = f"blocks.{i}.", prefix.format(i=i)
+        for kind in ("weight", "bias"):
+            q, k, v = _split_qkv(state[b + f"attn.qkv.{kind}"])
+            out.update({p + names["q"] + kind: q, p + names["k"] + kind: k, p + names["v"] + kind: v})
+            for ours, theirs in (("attn.proj", "o"), ("norm1", "ln1"), ("mlp.fc1", "fc1"), ("mlp.fc2", "fc2"), ("norm2", "ln2")):
+                out[p + names[theirs] + kind] = state[f"{b}{ours}.{kind}"]
+    return out
+
+
+def audio_state(state: Dict[str, torch.Tensor], model_cfg: Dict, n_conv: int, n_pos: int) -> Dict[str, torch.Tensor]:
+    e = "modality_encoders.audio."
+    out = {"masked_spec_embed": state[e + "mask_emb"]} if e + "mask_emb" in state else {}
+    for i in range(n_conv):
+        out[f"feature_extractor.conv_layers.{i}.conv.weight"] = state[f"{e}feature_extractor.layers.{i}.conv.weight"]
+        for kind in ("weight", "bias"):
+            out[f"feature_extractor.conv_layers.{i}.layer_norm.{kind}"] = state[f"{e}feature_extractor.layers.{i}.norm.{kind}"]
+    for kind in ("weight", "bias"):
+        out[f"feature_projection.layer_norm.{kind}"] = state[f"{e}project.norm.{kind}"]
+        out[f"feature_projection.projection.{kind}"] = state[f"{e}project.linear.{kind}"]
+        out[f"encoder.layer_norm.{kind}"] = state[f"{e}context.norm.{kind}"]
+        for i in range(n_pos):
+            out[f"encoder.pos_conv_embed.layers.{i}.conv.{kind}"] = state[f"{e}pos_conv.layers.{i}.{kind}"]
+    names = {"q": "attention.q_proj.", "k": "attention.k_proj.", "v": "attention.v_proj.", "o": "attention.out_proj.",
+             "ln1": "layer_norm.", "fc1": "feed_forward.intermediate_dense.", "fc2": "feed_forward.output_dense.",
+             "ln2": "final_layer_norm."}
+    out.update(_blocks(state, int(model_cfg["depth"]), names, "encoder.layers.{i}."))
+    return out
+
+
+def text_state(state: Dict[str, torch.Tensor], model_cfg: Dict, extra_ids: int, unk: int) -> Dict[str, torch.Tensor]:
+    e = "modality_encoders.text."
+    words = state[e + "embed_tokens.weight"]
+    D = words.shape[1]
+    out = {"embeddings.word_embeddings.weight": torch.cat([words, words[unk : unk + 1].expand(extra_ids, D)]),
+           "embeddings.position_embeddings.weight": state[e + "embed_positions.weight"],
+           "embeddings.token_type_embeddings.weight": torch.zeros(1, D),
+           # no pooler was trained: an identity map, so pooler_output = tanh(the <s> state), not random weights
+           "pooler.dense.weight": torch.eye(D), "pooler.dense.bias": torch.zeros(D)}
+    for kind in ("weight", "bias"):
+        out[f"embeddings.LayerNorm.{kind}"] = state[f"{e}layernorm_embedding.{kind}"]
+    names = {"q": "attention.self.query.", "k": "attention.self.key.", "v": "attention.self.value.",
+             "o": "attention.output.dense.", "ln1": "attention.output.LayerNorm.", "fc1": "intermediate.dense.",
+             "fc2": "output.dense.", "ln2": "output.LayerNorm."}
+    out.update(_blocks(state, int(model_cfg["depth"]), names, "encoder.layer.{i}."))
+    return out
+
+
+def fast_tokenizer(spm_model: bytes, dictionary) -> Tuple["object", int]:
+    """sentencepiece model + fairseq dictionary (with ``<mask>``) -> a ``tokenizers.Tokenizer``
+    giving the plugin's ids (``<s> ... </s>``), and how many ids it uses after the dictionary."""
+    from tokenizers import Tokenizer, processors
+    from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+    proto = import_protobuf().ModelProto()
+    proto.ParseFromString(spm_model)
+    if proto.trainer_spec.model_type != 2:  # BPE, what prep.text trains
+        raise ExportError("only sentencepiece BPE models (prep.text's) are converted to a transformers tokenizer")
+    bpe = SpmConverter.build_tokenizer_from_spm_proto(proto, {p.piece: i for i, p in enumerate(proto.pieces)})
+    spec = json.loads(bpe.to_str())
+    model = spec["model"]
+    extra: List[str] = []
+
+    def number(piece: str) -> int:
+        if piece in dictionary.indices:
+            return dictionary.indices[piece]
+        extra.append(piece)
+        return len(dictionary) + len(extra) - 1
+
+    model["vocab"] = {p: number(p) for p in model["vocab"]}
+    for s in ("<s>", "<pad>", "</s>", "<unk>", "<mask>"):  # the dictionary's own ids (the BPE has none but <unk>)
+        model["vocab"][s] = dictionary.indices[s]
+    # symbols fairseq's dictionary holds that are no BPE piece: characters sentencepiece leaves
+    # unknown and emits as they are (one symbol per unknown run): spell them, merged last
+    for sym in dictionary.symbols[4:]:
+        if sym in model["vocab"] or sym == "<mask>":
+            continue
+        for c in sym:
+            if c not in model["vocab"]:
+                model["vocab"][c] = number(c)
+        for k in range(2, len(sym) + 1):
+            if sym[:k] not in model["vocab"]:
+                model["merges"].append([sym[: k - 1], sym[k - 1]])
+                model["vocab"][sym[:k]] = number(sym[:k])
+    tok = Tokenizer.from_str(json.dumps(spec))
+    specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
+    tok.add_special_tokens(specials)
+    ids = {s: dictionary.indices[s] for s in specials}
+    if {s: tok.token_to_id(s) for s in specials} != ids:
+        raise ExportError(f"the tokenizer's special ids {[tok.token_to_id(s) for s in specials]} are not the dictionary's {ids}")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", ids["<s>"]), ("</s>", ids["</s>"])])
+    return tok, len(extra)
+
+
+def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
+    """CKPT -> a transformers folder; returns the class name written."""
+    import io
+
+    from safetensors.torch import save_file
+    from transformers import (Data2VecAudioConfig, Data2VecTextConfig, PreTrainedTokenizerFast,
+                              Wav2Vec2FeatureExtractor)
+
+    from .checkpoints import PretrainedCheckpointError, audio_normalize, read_pretrained
+    from .extract import ExtractError, build_model
+    from .modules.feature_extractor import parse_conv_spec
+    from .vocab import Vocabulary
+
+    try:
+        pre = read_pretrained(ckpt_path, None)
+    except PretrainedCheckpointError as e:
+        raise ExportError(str(e)) from None
+    c = pre["model"]
+    why = hf_blocker(c)
+    if why:
+        raise ExportError(f"{ckpt_path}: no transformers class computes this model exactly: {why}")
+    try:
+        state = build_model(c, pre["state"], weights, ckpt_path).state_dict()
+    except ExtractError as e:
+        raise ExportError(str(e)) from None
+    D, L, H = int(c["embed_dim"]), int(c["depth"]), int(c["num_heads"])
+    common = dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=int(D * float(c["mlp_ratio"])),
+                  hidden_act="gelu", layer_norm_eps=1e-5, attention_dropout=float(c.get("attention_dropout", 0.0)),
+                  layerdrop=float(c.get("layerdrop", 0.0)))
+    os.makedirs(out, exist_ok=True)
+    modality = "audio" if "audio" in str(c.get("modalities", "audio")) else "text"
+    if modality == "audio":
+        spec = parse_conv_spec(c["audio_conv_feature_layers"])
+        depth, width = int(c["audio_conv_pos_depth"]), int(c["audio_conv_pos_width"])
+        cfg = Data2VecAudioConfig(conv_dim=[s.dim for s in spec], conv_kernel=[s.kernel for s in spec],
+                                  conv_stride=[s.stride for s in spec], conv_bias=False,
+                                  num_conv_pos_embeddings=depth, conv_pos_kernel_size=max(3, width // depth),
+                                  num_conv_pos_embedding_groups=int(c["audio_conv_pos_groups"]),
+                                  hidden_dropout=float(c.get("encoder_dropout", 0.0)),
+                                  activation_dropout=float(c.get("activation_dropout", 0.0)),
+                                  mask_time_prob=float(c.get("audio_mask_prob", 0.65)),
+                                  mask_time_length=int(c.get("audio_mask_length", 10)), **common)
+        tensors = audio_state(state, c, len(spec), depth)
+        arch = "Data2VecAudioModel"
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=int(pre["task"].get("sample_rate", 16000)), padding_value=0.0,
+                                 do_normalize=audio_normalize(pre["task"]), return_attention_mask=True).save_pretrained(out)
+    else:
+        files = _text_files(pre, ckpt_path)
+        vocab = Vocabulary.load(io.StringIO(files["dict.txt"].decode("utf-8")), "dict.txt")
+        vocab.add_symbol("<mask>")
+        if len(vocab) != state["modality_encoders.text.embed_tokens.weight"].shape[0]:
+            raise ExportError(f"{ckpt_path}: the dictionary has {len(vocab)} symbols with <mask>, the model "
+                              f"{state['modality_encoders.text.embed_tokens.weight'].shape[0]} embeddings")
+        tok, extra = fast_tokenizer(files["spm.model"], vocab)
+        max_pos = int(c["text_max_positions"])
+        cfg = Data2VecTextConfig(vocab_size=len(vocab) + extra, max_position_embeddings=max_pos + vocab.pad() + 1,
+                                 type_vocab_size=1, pad_token_id=vocab.pad(), bos_token_id=vocab.bos(),
+                                 eos_token_id=vocab.eos(), hidden_dropout_prob=float(c.get("encoder_dropout", 0.0)),
+                                 attention_probs_dropout_prob=float(c.get("attention_dropout", 0.0)), **common)
+        tensors = text_state(state, c, extra, vocab.unk())
+        arch = "Data2VecTextModel"
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                pad_token="<pad>", mask_token="<mask>", model_max_length=max_pos).save_pretrained(out)
+    cfg.architectures = [arch]
+    cfg.save_pretrained(out)
+    save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
+              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return arch
