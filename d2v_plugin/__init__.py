@@ -28,7 +28,7 @@ logging.getLogger("PIL").setLevel(logging.INFO)
 __version__ = "0.1.0"
 
 
-def load(path: str, modality=None, weights: str = "student"):
+def load(path: str, modality=None, weights=None):
     """``d2v_plugin.load(path).extract(inputs)``: see :func:`d2v_plugin.extract.load` (imported
     on first use, so ``python -m d2v_plugin.extract`` does not run a module already imported)."""
     from .extract import load as _load

@@ -290,10 +290,11 @@ def build_model(model_cfg: dict, state: dict, weights: str = "student", path: st
     return model.eval()
 
 
-def load(path: str, modality: Optional[str] = None, weights: str = "student") -> Extractor:
+def load(path: str, modality: Optional[str] = None, weights: Optional[str] = None) -> Extractor:
     """A d2v_plugin pretraining checkpoint (``d2v_multi``), an official data2vec one, or a folder
     written by ``python -m d2v_plugin.export --to safetensors`` -> ``Extractor``; ``modality``
-    picks the encoder of a multimodal model, ``weights`` the student or the EMA teacher."""
+    picks the encoder of a multimodal model, ``weights`` the student or the EMA teacher (default:
+    the student of a checkpoint, what an export folder holds)."""
     from .checkpoints import PretrainedCheckpointError, read_pretrained
     from .modules.data2vec import parse_modalities
 
@@ -320,7 +321,7 @@ def load(path: str, modality: Optional[str] = None, weights: str = "student") ->
         raise ExtractError(f"{path} has no {modality} encoder (modalities={','.join(modalities)}); "
                            "use a checkpoint of that modality or --modality " + modalities[0])
     exported = os.path.isdir(path)  # its weights are already the ones asked for (read_export checks)
-    model = build_model(pre["model"], pre["state"], "student" if exported else weights, path, stripped=exported)
+    model = build_model(pre["model"], pre["state"], "student" if exported else weights or "student", path, stripped=exported)
     model.remove_pretraining_modules(modality)
     return Extractor(model, modality, pre["task"], pre["task_state"], path)
 
@@ -364,8 +365,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--out", required=True, help="OUT.npz (one archive) or a folder (one .npy per input + ids.txt)")
     ap.add_argument("--modality", default=None, help="the encoder of a multimodal checkpoint (audio, image, text)")
     ap.add_argument("--batch-size", type=int, default=8, help="inputs per forward pass")
-    ap.add_argument("--weights", default="student", choices=WEIGHTS,
-                    help="the student's weights or the EMA teacher's (the model that computed the targets)")
+    ap.add_argument("--weights", default=None, choices=WEIGHTS,
+                    help="the student's weights or the EMA teacher's (the model that computed the targets); default: "
+                         "the student of a checkpoint, what an export folder holds")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:

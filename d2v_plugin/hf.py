@@ -134,18 +134,22 @@ def fast_tokenizer(spm_model: bytes, dictionary) -> Tuple["object", int]:
     model["vocab"] = {p: number(p) for p in model["vocab"]}
     for s in ("<s>", "<pad>", "</s>", "<unk>", "<mask>"):  # the dictionary's own ids (the BPE has none but <unk>)
         model["vocab"][s] = dictionary.indices[s]
-    # symbols fairseq's dictionary holds that are no BPE piece: characters sentencepiece leaves
-    # unknown and emits as they are (one symbol per unknown run): spell them, merged last
+    # symbols of the dictionary that are no BPE piece and consist of characters sentencepiece does
+    # not know: it emits such a run as it is (one symbol per run). Spelled with merges that only
+    # join unknown characters, so no segmentation of known text changes (symbols of known
+    # characters that are no piece, e.g. fairseq's madeupword padding, are never emitted)
+    known = set(model["vocab"])
     for sym in dictionary.symbols[4:]:
-        if sym in model["vocab"] or sym == "<mask>":
+        if sym in known or sym == "<mask>" or any(ch in known for ch in sym):
             continue
-        for c in sym:
-            if c not in model["vocab"]:
-                model["vocab"][c] = number(c)
-        for k in range(2, len(sym) + 1):
+        for k in range(1, len(sym) + 1):
             if sym[:k] not in model["vocab"]:
-                model["merges"].append([sym[: k - 1], sym[k - 1]])
+                if k > 1:
+                    model["merges"].append([sym[: k - 1], sym[k - 1]])
                 model["vocab"][sym[:k]] = number(sym[:k])
+        for ch in sym:
+            if ch not in model["vocab"]:
+                model["vocab"][ch] = number(ch)
     tok = Tokenizer.from_str(json.dumps(spec))
     specials = ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]
     tok.add_special_tokens(specials)
@@ -157,17 +161,52 @@ def fast_tokenizer(spm_model: bytes, dictionary) -> Tuple["object", int]:
     return tok, len(extra)
 
 
+def hf_model(c: Dict, state: Dict[str, torch.Tensor], task: Optional[Dict] = None, extra_ids: int = 0,
+             specials: Tuple[int, int, int, int] = (0, 1, 2, 3)):
+    """A plugin model config + encoder state -> (transformers config, its state dict, class name).
+    ``extra_ids``: tokenizer ids after the dictionary (text); ``specials``: bos, pad, eos, unk ids."""
+    from transformers import Data2VecAudioConfig, Data2VecTextConfig
+
+    from .modules.feature_extractor import parse_conv_spec
+
+    why = hf_blocker(c)
+    if why:
+        raise ExportError(f"no transformers class computes this model exactly: {why}")
+    D, L, H = int(c["embed_dim"]), int(c["depth"]), int(c["num_heads"])
+    common = dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=int(D * float(c["mlp_ratio"])),
+                  hidden_act="gelu", layer_norm_eps=1e-5)
+    if "audio" in str(c.get("modalities", "audio")):
+        spec = parse_conv_spec(c["audio_conv_feature_layers"])
+        depth, width = int(c["audio_conv_pos_depth"]), int(c["audio_conv_pos_width"])
+        cfg = Data2VecAudioConfig(conv_dim=[s.dim for s in spec], conv_kernel=[s.kernel for s in spec],
+                                  conv_stride=[s.stride for s in spec], conv_bias=False,
+                                  num_conv_pos_embeddings=depth, conv_pos_kernel_size=max(3, width // depth),
+                                  num_conv_pos_embedding_groups=int(c["audio_conv_pos_groups"]),
+                                  hidden_dropout=float(c.get("encoder_dropout", 0.0)),
+                                  attention_dropout=float(c.get("attention_dropout", 0.0)),
+                                  activation_dropout=float(c.get("activation_dropout", 0.0)),
+                                  layerdrop=float(c.get("layerdrop", 0.0)),
+                                  mask_time_prob=float(c.get("audio_mask_prob", 0.65)),
+                                  mask_time_length=int(c.get("audio_mask_length", 10)), **common)
+        return cfg, audio_state(state, c, len(spec), depth), "Data2VecAudioModel"
+    bos, pad, eos, unk = specials
+    vocab = state["modality_encoders.text.embed_tokens.weight"].shape[0]
+    cfg = Data2VecTextConfig(vocab_size=vocab + extra_ids, max_position_embeddings=int(c["text_max_positions"]) + pad + 1,
+                             type_vocab_size=1, pad_token_id=pad, bos_token_id=bos, eos_token_id=eos,
+                             hidden_dropout_prob=float(c.get("encoder_dropout", 0.0)),
+                             attention_probs_dropout_prob=float(c.get("attention_dropout", 0.0)), **common)
+    return cfg, text_state(state, c, extra_ids, unk), "Data2VecTextModel"
+
+
 def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
     """CKPT -> a transformers folder; returns the class name written."""
     import io
 
     from safetensors.torch import save_file
-    from transformers import (Data2VecAudioConfig, Data2VecTextConfig, PreTrainedTokenizerFast,
-                              Wav2Vec2FeatureExtractor)
+    from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor
 
     from .checkpoints import PretrainedCheckpointError, audio_normalize, read_pretrained
     from .extract import ExtractError, build_model
-    from .modules.feature_extractor import parse_conv_spec
     from .vocab import Vocabulary
 
     try:
@@ -182,44 +221,22 @@ def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
         state = build_model(c, pre["state"], weights, ckpt_path).state_dict()
     except ExtractError as e:
         raise ExportError(str(e)) from None
-    D, L, H = int(c["embed_dim"]), int(c["depth"]), int(c["num_heads"])
-    common = dict(hidden_size=D, num_hidden_layers=L, num_attention_heads=H, intermediate_size=int(D * float(c["mlp_ratio"])),
-                  hidden_act="gelu", layer_norm_eps=1e-5, attention_dropout=float(c.get("attention_dropout", 0.0)),
-                  layerdrop=float(c.get("layerdrop", 0.0)))
     os.makedirs(out, exist_ok=True)
-    modality = "audio" if "audio" in str(c.get("modalities", "audio")) else "text"
-    if modality == "audio":
-        spec = parse_conv_spec(c["audio_conv_feature_layers"])
-        depth, width = int(c["audio_conv_pos_depth"]), int(c["audio_conv_pos_width"])
-        cfg = Data2VecAudioConfig(conv_dim=[s.dim for s in spec], conv_kernel=[s.kernel for s in spec],
-                                  conv_stride=[s.stride for s in spec], conv_bias=False,
-                                  num_conv_pos_embeddings=depth, conv_pos_kernel_size=max(3, width // depth),
-                                  num_conv_pos_embedding_groups=int(c["audio_conv_pos_groups"]),
-                                  hidden_dropout=float(c.get("encoder_dropout", 0.0)),
-                                  activation_dropout=float(c.get("activation_dropout", 0.0)),
-                                  mask_time_prob=float(c.get("audio_mask_prob", 0.65)),
-                                  mask_time_length=int(c.get("audio_mask_length", 10)), **common)
-        tensors = audio_state(state, c, len(spec), depth)
-        arch = "Data2VecAudioModel"
+    if "text" not in str(c.get("modalities", "audio")):
+        cfg, tensors, arch = hf_model(c, state)
         Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=int(pre["task"].get("sample_rate", 16000)), padding_value=0.0,
                                  do_normalize=audio_normalize(pre["task"]), return_attention_mask=True).save_pretrained(out)
     else:
         files = _text_files(pre, ckpt_path)
         vocab = Vocabulary.load(io.StringIO(files["dict.txt"].decode("utf-8")), "dict.txt")
         vocab.add_symbol("<mask>")
-        if len(vocab) != state["modality_encoders.text.embed_tokens.weight"].shape[0]:
-            raise ExportError(f"{ckpt_path}: the dictionary has {len(vocab)} symbols with <mask>, the model "
-                              f"{state['modality_encoders.text.embed_tokens.weight'].shape[0]} embeddings")
+        rows = state["modality_encoders.text.embed_tokens.weight"].shape[0]
+        if len(vocab) != rows:
+            raise ExportError(f"{ckpt_path}: the dictionary has {len(vocab)} symbols with <mask>, the model {rows} embeddings")
         tok, extra = fast_tokenizer(files["spm.model"], vocab)
-        max_pos = int(c["text_max_positions"])
-        cfg = Data2VecTextConfig(vocab_size=len(vocab) + extra, max_position_embeddings=max_pos + vocab.pad() + 1,
-                                 type_vocab_size=1, pad_token_id=vocab.pad(), bos_token_id=vocab.bos(),
-                                 eos_token_id=vocab.eos(), hidden_dropout_prob=float(c.get("encoder_dropout", 0.0)),
-                                 attention_probs_dropout_prob=float(c.get("attention_dropout", 0.0)), **common)
-        tensors = text_state(state, c, extra, vocab.unk())
-        arch = "Data2VecTextModel"
-        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                pad_token="<pad>", mask_token="<mask>", model_max_length=max_pos).save_pretrained(out)
+        cfg, tensors, arch = hf_model(c, state, extra_ids=extra, specials=(vocab.bos(), vocab.pad(), vocab.eos(), vocab.unk()))
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                mask_token="<mask>", model_max_length=int(c["text_max_positions"])).save_pretrained(out)
     cfg.architectures = [arch]
     cfg.save_pretrained(out)
     save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},

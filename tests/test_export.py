@@ -1,0 +1,265 @@
+"""Models that leave fairseq: python -m d2v_plugin.export (safetensors, transformers), loading
+and extraction with fairseq blocked, EMA-teacher weights, and the fairseq-free dictionary."""
+import dataclasses
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+import d2v_plugin
+from d2v_plugin.export import ExportError
+from d2v_plugin.extract import ExtractError
+from d2v_plugin.models.config import D2vMultiConfig
+from d2v_plugin.models.settings import model_settings
+from d2v_plugin.modules.data2vec import EMA_KEY, Data2Vec
+from d2v_plugin.vocab import Vocabulary
+
+from .conftest import REPO
+
+pytest.importorskip("transformers")
+TOL = 1e-4
+AUDIO = dict(audio_conv_feature_layers="[(16, 10, 5)] + [(16, 3, 2)] * 4 + [(16, 2, 2)] * 2", audio_conv_pos_width=8,
+             audio_conv_pos_depth=2, audio_conv_pos_groups=4, audio_decoder_dim=16, audio_decoder_layers=1,
+             audio_decoder_groups=4)
+V1_AUDIO = dict(algorithm="v1", clone_batch=1, audio_mask_type="span", audio_use_alibi=False)
+SMALL = dict(depth=2, embed_dim=32, num_heads=4, average_top_k_layers=2)
+
+
+def make_checkpoint(path, task, perturb_teacher=False, **fields):
+    """A pretraining checkpoint as fairseq writes it, of a tiny model whose weights (norms and
+    biases included) are random, not their initial values."""
+    cfg = D2vMultiConfig(**SMALL, **fields)
+    torch.manual_seed(0)
+    model = Data2Vec(model_settings(cfg))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    state = model.state_dict()
+    if perturb_teacher:  # a teacher that differs from the student, as after training
+        state[EMA_KEY] = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state[EMA_KEY].items()}
+    model_cfg = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(cfg).items()}
+    model_cfg["_name"] = "d2v_multi"
+    torch.save({"cfg": {"model": model_cfg, "task": task}, "model": state, "args": None, "extra_state": {},
+                "optimizer_history": [{"criterion_name": "d2v", "optimizer_name": "adam", "lr_scheduler_state": {},
+                                       "num_updates": 0}]}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def ckpts(corpora, tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    text_data = corpora["text"]
+    vocab = len(Vocabulary.load(str(text_data / "dict.txt"))) + 1  # + <mask>
+    text = dict(modalities="text", text_vocab_size=vocab, text_mask_index=vocab - 1, text_decoder_dim=16)
+    speech = {"_name": "d2v_audio_pretraining", "normalize": True, "sample_rate": 16000}
+    out = {
+        "audio_v1": make_checkpoint(root / "audio_v1.pt", speech, perturb_teacher=True, modalities="audio", **AUDIO, **V1_AUDIO),
+        "audio_v2": make_checkpoint(root / "audio_v2.pt", speech, modalities="audio", **AUDIO),
+        "text_v1": make_checkpoint(root / "text_v1.pt", {"_name": "d2v_text_pretraining", "data": str(text_data)},
+                                   algorithm="v1", clone_batch=1, **text),
+        "text_v2": make_checkpoint(root / "text_v2.pt", {"_name": "d2v_text_pretraining", "data": str(text_data)}, **text),
+        "image_v2": make_checkpoint(root / "image_v2.pt", {"_name": "d2v_image_pretraining"}, modalities="image",
+                                    image_input_size=32, image_patch_size=8, image_decoder_dim=16),
+    }
+    rng = np.random.RandomState(0)
+    out["wavs"] = []
+    for i, n in enumerate((16000, 23456)):
+        sf.write(root / f"w{i}.wav", (0.1 * rng.randn(n)).astype("float32"), 16000)
+        out["wavs"].append(str(root / f"w{i}.wav"))
+    out["lines"] = [" ".join(line.split()[:50]) for line in (corpora["text_raw"] / "news.txt").read_text().splitlines()[:6]]
+    out["root"] = root
+    return out
+
+
+def export(ckpt, to, out, *extra):
+    return subprocess.run([sys.executable, "-m", "d2v_plugin.export", str(ckpt), "--to", to, "--out", str(out), *extra],
+                          capture_output=True, text=True, cwd=REPO)
+
+
+def test_vocabulary_reads_dict_txt_like_fairseq(tmp_path):
+    from fairseq.data import Dictionary
+
+    (tmp_path / "dict.txt").write_text("▁the 10\nab 5\n<unk> 3 #fairseq:overwrite\nc 1\n")
+    ours, theirs = Vocabulary.load(str(tmp_path / "dict.txt")), Dictionary.load(str(tmp_path / "dict.txt"))
+    ours.add_symbol("<mask>"), theirs.add_symbol("<mask>")
+    assert ours.symbols == theirs.symbols and len(ours) == len(theirs) == 9
+    for line in ["▁the ab c", "zz  ▁the\tab", ""]:
+        assert ours.encode_line(line).tolist() == theirs.encode_line(line, add_if_not_exist=False).tolist()
+    (tmp_path / "bad.txt").write_text("ab 5\nab 3\n")
+    with pytest.raises(ValueError, match="line 2: duplicate token 'ab'"):
+        Vocabulary.load(str(tmp_path / "bad.txt"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["v1", "v2"])
+def test_hf_text_export_computes_the_plugins_hidden_states(ckpts, tmp_path, algo):
+    from transformers import AutoModel, AutoTokenizer
+
+    res = export(ckpts[f"text_{algo}"], "hf", tmp_path / "hf")
+    assert res.returncode == 0 and "Data2VecTextModel" in res.stdout, res.stderr
+    ex = d2v_plugin.load(str(ckpts[f"text_{algo}"]))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    model = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    lines = ckpts["lines"]
+    for line in lines:  # the tokenizer gives the plugin's ids (sentencepiece pieces -> fairseq dictionary)
+        assert tok(line)["input_ids"] == ex.read(line).tolist()
+    ours = ex.extract(lines, hidden_states=True, batch_size=len(lines))
+    batch = tok(lines, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hf = torch.stack(model(**batch, output_hidden_states=True).hidden_states, 1)  # (B, L + 1, T, D)
+    assert hf.shape[1] == len(ours[0].hidden_states) == 3
+    for b, h in enumerate(ours):
+        assert np.abs(hf[b, :, : h.length].numpy() - h.hidden_states).max() <= TOL
+
+
+@pytest.mark.slow
+def test_hf_audio_export_computes_the_plugins_hidden_states(ckpts, tmp_path):
+    from transformers import AutoFeatureExtractor, AutoModel
+
+    res = export(ckpts["audio_v1"], "hf", tmp_path / "hf")
+    assert res.returncode == 0 and "Data2VecAudioModel" in res.stdout, res.stderr
+    ex = d2v_plugin.load(str(ckpts["audio_v1"]))
+    fe = AutoFeatureExtractor.from_pretrained(str(tmp_path / "hf"))
+    model = AutoModel.from_pretrained(str(tmp_path / "hf")).eval()
+    for path in ckpts["wavs"]:
+        wav, _ = sf.read(path, dtype="float32")
+        inputs = fe(wav, sampling_rate=16000, return_tensors="pt")
+        # the feature extractor normalises as the plugin does (its eps differs: 1e-7 vs 1e-5)
+        assert np.allclose(inputs["input_values"][0].numpy(), ex.read(path).numpy(), rtol=1e-3, atol=1e-5)
+        h = ex.extract([path], hidden_states=True)[0]
+        with torch.no_grad():
+            hf = torch.stack(model(**inputs, output_hidden_states=True).hidden_states, 1)[0]
+        assert hf.shape == h.hidden_states.shape and np.abs(hf.numpy() - h.hidden_states).max() <= TOL
+    assert ex.frame_rate == 50.0 and ex.downsampling == 320
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, why", [("audio_v2", "ALiBi"), ("image_v2", "Data2VecVision")])
+def test_hf_export_refuses_what_no_class_computes(ckpts, tmp_path, name, why):
+    res = export(ckpts[name], "hf", tmp_path / "hf")
+    assert res.returncode == 1 and why in res.stderr and "Traceback" not in res.stderr
+    assert [line for line in res.stderr.splitlines() if "error" in line.lower()] == [res.stderr.strip().splitlines()[-1]]
+    assert not (tmp_path / "hf").exists()
+
+
+GOLDEN = os.path.join(os.path.dirname(__file__), "golden")
+
+
+@pytest.mark.parametrize("name", ["v1_audio", "v1_text", "v2_text"])
+def test_official_checkpoints_to_hf_match_the_official_features(name):
+    """Official weights (golden fixtures) -> plugin -> transformers: the official eval features.
+    The data2vec 2.0 text fixture has a prenet block (the base recipe has none): refused."""
+    from transformers import Data2VecAudioModel, Data2VecTextModel
+
+    from d2v_plugin.extract import build_model
+    from d2v_plugin.hf import hf_model
+    from d2v_plugin.official import convert_config, convert_state_dict
+
+    r = torch.load(os.path.join(GOLDEN, f"{name}.pt"), weights_only=True)
+    cfg = convert_config(r["config"], r["family"], len(r["extra"].get("dictionary_symbols", [])))
+    state = build_model(cfg, convert_state_dict(r["state_dict"], r["family"])).state_dict()
+    if name == "v2_text":
+        with pytest.raises(ExportError, match="text_prenet_depth=1: context-stage blocks"):
+            hf_model(cfg, state)
+        return
+    hf_cfg, tensors, arch = hf_model(cfg, state)
+    model = (Data2VecAudioModel if arch == "Data2VecAudioModel" else Data2VecTextModel)(hf_cfg).eval()
+    model.load_state_dict(tensors, strict=False)
+    assert set(tensors) >= {k for k in model.state_dict() if "position_ids" not in k}
+    ref = r["outputs"]["features_eval" if "v1" in name else "features"]
+    inp = r["inputs"]
+    with torch.no_grad():
+        if name == "v1_audio":
+            out = model(inp["source"], attention_mask=(~inp["padding_mask"]).long(), output_hidden_states=True)
+            keep = ~ref["padding_mask"]
+            assert (out.last_hidden_state - ref["x"]).abs()[keep].max() <= TOL
+            return
+        tokens = inp["target_tokens"] if name == "v1_text" else inp["source"]
+        out = model(tokens, attention_mask=tokens.ne(1).long(), output_hidden_states=True)
+    keep = tokens.ne(1)
+    assert (out.last_hidden_state - ref["x"]).abs()[keep].max() <= TOL
+    if name == "v1_text":  # every block output
+        for ours, theirs in zip(out.hidden_states, ref["inner_states_tbc"], strict=True):
+            assert (ours - theirs.transpose(0, 1)).abs()[keep].max() <= TOL
+
+
+@pytest.mark.slow
+def test_safetensors_export_loads_and_extracts_without_fairseq(ckpts, tmp_path):
+    out = tmp_path / "st"
+    res = export(ckpts["text_v2"], "safetensors", out)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(out)) == ["config.json", "dict.txt", "model.safetensors", "spm.model"]
+    want = d2v_plugin.load(str(ckpts["text_v2"])).extract(ckpts["lines"], layer="all")
+    np.savez(tmp_path / "want.npz", *want)
+    audio = tmp_path / "st_audio"
+    assert export(ckpts["audio_v1"], "safetensors", audio).returncode == 0
+    np.save(tmp_path / "want_audio.npy", d2v_plugin.load(str(ckpts["audio_v1"])).extract(ckpts["wavs"][:1])[0])
+    script = f"""
+import sys
+sys.modules["fairseq"] = None  # any import of fairseq fails
+import numpy as np, d2v_plugin
+assert not d2v_plugin.HAS_FAIRSEQ
+want = np.load({str(tmp_path / 'want.npz')!r})
+ex = d2v_plugin.load({str(out)!r})
+got = ex.extract({ckpts['lines']!r}, layer="all")
+assert all(np.abs(g - want[f"arr_{{i}}"]).max() <= 1e-6 for i, g in enumerate(got))
+h = ex.extract({ckpts['lines']!r}[:2], hidden_states=True)
+assert h[0].hidden_states.shape[0] == 3 and np.abs(h[0].hidden_states[1:] - got[0]).max() <= 1e-6
+pt = d2v_plugin.load({str(ckpts['audio_v1'])!r}).extract({ckpts['wavs'][:1]!r})[0]  # a checkpoint, no fairseq
+st = d2v_plugin.load({str(audio)!r}).extract({ckpts['wavs'][:1]!r})[0]
+want_audio = np.load({str(tmp_path / 'want_audio.npy')!r})
+assert np.abs(pt - want_audio).max() <= 1e-6 and np.abs(st - want_audio).max() <= 1e-6
+print("ok", [m for m in sys.modules if m.startswith("fairseq") and sys.modules[m] is not None])
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and res.stdout.strip() == "ok []", res.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_teacher_weights_are_the_ema_entry(ckpts, tmp_path):
+    from d2v_plugin.extract import build_model
+
+    path, wav = str(ckpts["audio_v1"]), ckpts["wavs"][:1]
+    student = d2v_plugin.load(path).extract(wav)[0]
+    teacher = d2v_plugin.load(path, weights="teacher").extract(wav)[0]
+    assert np.abs(student - teacher).max() > 1e-2  # the fixture's teacher differs from its student
+    ckpt = torch.load(path, weights_only=False)
+    state = {k: v for k, v in ckpt["model"].items() if k != EMA_KEY}
+    state.update(ckpt["model"][EMA_KEY])  # by hand: the student's state with the teacher's tensors
+    by_hand = d2v_plugin.extract.Extractor(build_model(ckpt["cfg"]["model"], state), "audio", ckpt["cfg"]["task"])
+    assert np.abs(by_hand.extract(wav)[0] - teacher).max() <= 1e-6
+    assert export(path, "safetensors", tmp_path / "t", "--weights", "teacher").returncode == 0
+    assert np.abs(d2v_plugin.load(str(tmp_path / "t")).extract(wav)[0] - teacher).max() <= 1e-6
+    with pytest.raises(ExtractError, match="holds the teacher's weights, not the student's"):
+        d2v_plugin.load(str(tmp_path / "t"), weights="student")
+    del ckpt["model"][EMA_KEY]
+    torch.save(ckpt, tmp_path / "no_teacher.pt")
+    with pytest.raises(ExtractError, match="holds no EMA teacher"):
+        d2v_plugin.load(str(tmp_path / "no_teacher.pt"), weights="teacher")
+
+
+@pytest.mark.slow
+def test_bad_export_folders_get_one_line(ckpts, tmp_path):
+    good = tmp_path / "good"
+    assert export(ckpts["audio_v1"], "safetensors", good).returncode == 0
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ExtractError, match="no config.json of a d2v_plugin export"):
+        d2v_plugin.load(str(empty))
+    hf = tmp_path / "hf"
+    assert export(ckpts["audio_v1"], "hf", hf).returncode == 0
+    with pytest.raises(ExtractError, match="is not a d2v_plugin export"):
+        d2v_plugin.load(str(hf))
+    data = (good / "model.safetensors").read_bytes()
+    (good / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ExtractError, match="model.safetensors cannot be read"):
+        d2v_plugin.load(str(good))
+    (good / "config.json").write_text("{")
+    with pytest.raises(ExtractError, match="not valid JSON"):
+        d2v_plugin.load(str(good))
+    res = export(tmp_path / "missing.pt", "safetensors", tmp_path / "x")
+    assert res.returncode == 1 and "file not found" in res.stderr.strip().splitlines()[-1] and "Traceback" not in res.stderr
