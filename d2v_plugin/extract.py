@@ -48,6 +48,7 @@ class Extractor:
 
     def __init__(self, model, modality: str, task: dict, task_state: Optional[dict] = None, path: str = ""):
         self.model, self.modality, self.task, self.path = model.eval(), modality, task, path
+        self.dtype = torch.float32
         self.encoder = model.modality_encoders[modality]
         self.dictionary = self.spm = self.no_vocabulary = None
         if modality == "text":  # without one, the model still takes token ids (extract_features)
@@ -55,6 +56,15 @@ class Extractor:
                 self.dictionary, self.spm = _text_vocabulary(task, task_state or {}, path)
             except ExtractError as e:
                 self.no_vocabulary = e
+
+    def to(self, dtype: torch.dtype) -> "Extractor":
+        """Run the model in ``dtype`` (e.g. ``torch.bfloat16``); features come back as float32."""
+        self.model.to(dtype)
+        self.dtype = dtype
+        return self
+
+    def _cast(self, source: torch.Tensor) -> torch.Tensor:
+        return source.to(self.dtype) if source.is_floating_point() else source
 
     # -- inputs -> (source, padding_mask) -------------------------------------------------
     def read(self, item) -> torch.Tensor:
@@ -106,7 +116,7 @@ class Extractor:
         hooks = [blk.register_forward_hook(lambda mod, i, o: outputs.append(o[0])) for blk in m.blocks]
         try:
             stop = None if layer in ("last", "avg_top_k", "all") else self.block_index(layer)
-            out = m.extract_features(source, padding_mask, modality=self.modality, layer=stop)
+            out = m.extract_features(self._cast(source), padding_mask, modality=self.modality, layer=stop)
         finally:
             for h in hooks:
                 h.remove()
@@ -126,7 +136,7 @@ class Extractor:
         pre = m.blocks[0].register_forward_pre_hook(lambda mod, args: states.append(args[0]))
         hooks = [blk.register_forward_hook(lambda mod, i, o: states.append(o[0])) for blk in m.blocks]
         try:
-            out = m.extract_features(source, padding_mask, modality=self.modality)
+            out = m.extract_features(self._cast(source), padding_mask, modality=self.modality)
         finally:
             for h in [pre, *hooks]:
                 h.remove()

@@ -8,6 +8,11 @@ Everything else is refused with the reason (``hf_blocker``): data2vec 2.0 speech
 and prenet blocks, and no transformers class computes ``Data2VecVision``'s layer scale and
 relative positions from the plugin's image blocks (nor data2vec 2.0's image encoder).
 
+Speech models trained with ``padding_aware=true`` (the plugin's default) zero padded frames
+between the positional convolution's layers too, so a padded row gives what it gives alone;
+transformers (like the reference) zeroes them only before it: per utterance both agree, in
+padded batches the rows shorter than the batch differ near their end (the export says so).
+
 Weight mapping: the fused ``qkv`` projection is split into query, key and value; the rest
 is renamed. For text, the folder gets a fast tokenizer (``AutoTokenizer``) that reproduces
 sentencepiece + fairseq dictionary ids: transformers' own sentencepiece converter builds
@@ -241,4 +246,8 @@ def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
     cfg.save_pretrained(out)
     save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
               os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    if arch == "Data2VecAudioModel" and c.get("padding_aware", True):
+        return (f"{arch} (the model has padding_aware=true: transformers gives its features per utterance; in padded "
+                "batches it zeroes padded frames only before the positional conv, not between its layers, so rows "
+                "shorter than the batch differ near their end)")
     return arch
