@@ -214,6 +214,11 @@ def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
     from .extract import ExtractError, build_model
     from .vocab import Vocabulary
 
+    finetuned = read_finetuned(ckpt_path)
+    if finetuned is not None:
+        if weights != "student":
+            raise ExportError(f"{ckpt_path}: a fine-tuned checkpoint has no EMA teacher; export it without --weights")
+        return write_hf_finetuned(ckpt_path, finetuned, out)
     try:
         pre = read_pretrained(ckpt_path, None)
     except PretrainedCheckpointError as e:
@@ -250,4 +255,125 @@ def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
         return (f"{arch} (the model has padding_aware=true: transformers gives its features per utterance; in padded "
                 "batches it zeroes padded frames only before the positional conv, not between its layers, so rows "
                 "shorter than the batch differ near their end)")
+    return arch
+
+
+FINETUNED = {"d2v_ctc": "Data2VecAudioForCTC", "d2v_text_classifier": "Data2VecTextForSequenceClassification",
+             "d2v_image_classifier": None}
+
+
+def read_finetuned(path: str) -> Optional[Dict]:
+    """A fine-tuned checkpoint (d2v_ctc, d2v_text_classifier, d2v_image_classifier) -> its parts:
+    name, pretrained model config, fine-tuning model and task config, encoder and head state; None
+    for any other checkpoint (read_pretrained says what it is)."""
+    from omegaconf import OmegaConf
+
+    from .checkpoints import CheckpointError, load_checkpoint
+
+    try:
+        ckpt = load_checkpoint(path, "a d2v_plugin checkpoint")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    cfg = ckpt.get("cfg")
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    name = cfg.model.get("_name") if cfg is not None and cfg.get("model") is not None else None
+    if name not in FINETUNED:
+        return None
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    args = model.get("pretrained_args") or {}
+    state = ckpt["model"]
+    return {"name": name, "pretrained": args.get("model") or {}, "pretrained_task": args.get("task") or {},
+            "model": model, "task": OmegaConf.to_container(cfg.task, resolve=True) if cfg.get("task") is not None else {},
+            "encoder": {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")},
+            "head": {k: v for k, v in state.items() if not k.startswith("encoder.")}}
+
+
+def _data_file(ft: Dict, name: str, path: str) -> str:
+    f = os.path.join(ft["task"].get("data") or "", name)
+    if not os.path.isfile(f):
+        raise ExportError(f"{path}: the fine-tuning data folder task.data={ft['task'].get('data')!r} has no {name}, which "
+                          "names the model's outputs; restore the folder (or copy it) and export again")
+    return f
+
+
+def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
+    """A fine-tuned checkpoint -> transformers' ``...ForCTC`` / ``...ForSequenceClassification``."""
+    from safetensors.torch import save_file
+    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
+
+    from .checkpoints import audio_normalize
+    from .extract import build_model
+    from .vocab import Vocabulary
+
+    arch = FINETUNED[ft["name"]]
+    c = ft["pretrained"]
+    why = hf_blocker(c) if arch else ("images: no transformers class computes the plugin's image encoder (see "
+                                      "`--to hf` of its pretraining checkpoint)")
+    if why:
+        raise ExportError(f"{path}: no transformers class computes this model exactly: {why}")
+    state = build_model(c, ft["encoder"], "student", path, stripped=True).state_dict()
+    head = ft["head"]
+    if ft["name"] == "d2v_ctc":
+        letters = Vocabulary.load(_data_file(ft, f"dict.{ft['task'].get('labels', 'ltr')}.txt", path))
+        if len(letters) != head["proj.weight"].shape[0]:
+            raise ExportError(f"{path}: dict has {len(letters)} symbols, the CTC projection {head['proj.weight'].shape[0]}")
+        cfg, tensors, _ = hf_model(c, state)
+        cfg.vocab_size, cfg.pad_token_id = len(letters), letters.bos()  # CTC blank = <s> (index 0), transformers' pad
+        cfg.final_dropout = float(ft["model"].get("final_dropout", 0.0))
+        tensors = {"data2vec_audio." + k: v for k, v in tensors.items()}
+        tensors.update({"lm_head.weight": head["proj.weight"], "lm_head.bias": head["proj.bias"]})
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump({sym: i for i, sym in enumerate(letters.symbols)}, f, ensure_ascii=False)
+        Wav2Vec2CTCTokenizer(os.path.join(out, "vocab.json"), bos_token="<bos_unused>", eos_token="<eos_unused>",
+                             unk_token="<unk>", pad_token="<s>", word_delimiter_token="|").save_pretrained(out)
+        task = ft["pretrained_task"]
+        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=int(task.get("sample_rate", 16000)), padding_value=0.0,
+                                 do_normalize=audio_normalize(task), return_attention_mask=True).save_pretrained(out)
+    else:
+        if ft["model"].get("pooling", "first") != "first":
+            raise ExportError(f"{path}: pooling={ft['model']['pooling']!r}; Data2VecTextForSequenceClassification reads "
+                              "the <s> token (pooling=first)")
+        with open(_data_file(ft, "labels.txt", path), encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
+        outputs = head["head.3.weight"].shape[0]
+        if outputs != max(1, len(labels)):
+            raise ExportError(f"{path}: labels.txt has {len(labels)} labels, the head {outputs} outputs")
+        cfg, tensors, _ = hf_model(c, state)
+        cfg.num_labels = outputs
+        if labels:
+            cfg.id2label, cfg.label2id = dict(enumerate(labels)), {lab: i for i, lab in enumerate(labels)}
+        else:
+            cfg.problem_type = "regression"
+        cfg.classifier_dropout = float(ft["model"].get("pooler_dropout", 0.0))
+        tensors = {"data2vec_text." + k: v for k, v in tensors.items() if not k.startswith("pooler.")}
+        for ours, theirs in (("head.0", "classifier.dense"), ("head.3", "classifier.out_proj")):
+            for kind in ("weight", "bias"):
+                tensors[f"{theirs}.{kind}"] = head[f"{ours}.{kind}"]
+        os.makedirs(out, exist_ok=True)
+        files = {}
+        for name in ("dict.txt", "spm.model"):  # the fine-tuning data (prep.text_classification copies them), else the pretraining data
+            dirs = [d for d in (ft["task"].get("data"), ft["pretrained_task"].get("data")) if d]
+            found = next((os.path.join(d, name) for d in dirs if os.path.isfile(os.path.join(d, name))), None)
+            if found is None:
+                raise ExportError(f"{path}: no {name} in the fine-tuning or pretraining data folder ({', '.join(dirs)}); "
+                                  "restore one and export again")
+            files[name] = open(found, "rb").read()
+        import io
+
+        vocab = Vocabulary.load(io.StringIO(files["dict.txt"].decode("utf-8")), "dict.txt")
+        vocab.add_symbol("<mask>")
+        tok, extra = fast_tokenizer(files["spm.model"], vocab)
+        if extra:
+            cfg.vocab_size += extra
+            w = tensors["data2vec_text.embeddings.word_embeddings.weight"]
+            tensors["data2vec_text.embeddings.word_embeddings.weight"] = torch.cat([w, w[vocab.unk() : vocab.unk() + 1].expand(extra, -1)])
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                mask_token="<mask>", model_max_length=int(c["text_max_positions"])).save_pretrained(out)
+    cfg.architectures = [arch]
+    cfg.save_pretrained(out)
+    save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
+              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
     return arch

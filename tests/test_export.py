@@ -263,3 +263,77 @@ def test_bad_export_folders_get_one_line(ckpts, tmp_path):
         d2v_plugin.load(str(good))
     res = export(tmp_path / "missing.pt", "safetensors", tmp_path / "x")
     assert res.returncode == 1 and "file not found" in res.stderr.strip().splitlines()[-1] and "Traceback" not in res.stderr
+
+
+def finetuned_checkpoint(pre_path, out, name, task, outputs):
+    """A fine-tuned checkpoint made by the plugin's fine-tuning model classes on a pretrained
+    encoder, its head random (as after fine-tuning)."""
+    from d2v_plugin.extract import build_model
+    from d2v_plugin.models.d2v_ctc import D2vCtcConfig, D2vCtcModel
+    from d2v_plugin.models.d2v_text_classifier import D2vTextClassifier, D2vTextClassifierConfig
+
+    pre = torch.load(pre_path, weights_only=False)
+    encoder = build_model(pre["cfg"]["model"], pre["model"])
+    args = {"model": pre["cfg"]["model"], "task": pre["cfg"]["task"]}
+    if name == "d2v_ctc":
+        cfg = D2vCtcConfig(pretrained_args=args, layerdrop=0.0)
+        model = D2vCtcModel(cfg, encoder, outputs, True)
+    else:
+        cfg = D2vTextClassifierConfig(pretrained_args=args, layerdrop=0.0)
+        model = D2vTextClassifier(cfg, encoder, outputs)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if not n.startswith("encoder."):
+                p.normal_(0, 0.1)
+    model_cfg = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(cfg).items()}
+    model_cfg["_name"] = name
+    torch.save({"cfg": {"model": model_cfg, "task": task}, "model": model.state_dict(), "args": None, "extra_state": {},
+                "optimizer_history": [{"criterion_name": "x", "optimizer_name": "adam", "lr_scheduler_state": {},
+                                       "num_updates": 0}]}, out)
+    return model.eval()
+
+
+@pytest.mark.slow
+def test_hf_export_of_finetuned_models_gives_the_plugins_logits(ckpts, corpora, tmp_path):
+    import shutil
+
+    from transformers import AutoFeatureExtractor, AutoModelForCTC, AutoModelForSequenceClassification, AutoTokenizer
+
+    asr = tmp_path / "asr"
+    asr.mkdir()
+    letters = ["|", "E", "T", "A", "O"]
+    (asr / "dict.ltr.txt").write_text("".join(f"{c} {9 - i}\n" for i, c in enumerate(letters)))
+    ctc = finetuned_checkpoint(ckpts["audio_v1"], tmp_path / "ctc.pt", "d2v_ctc",
+                               {"_name": "d2v_asr_finetuning", "data": str(asr), "labels": "ltr"}, 4 + len(letters))
+    res = export(tmp_path / "ctc.pt", "hf", tmp_path / "hf_ctc")
+    assert res.returncode == 0 and "Data2VecAudioForCTC" in res.stdout, res.stderr
+    hf = AutoModelForCTC.from_pretrained(str(tmp_path / "hf_ctc")).eval()
+    fe = AutoFeatureExtractor.from_pretrained(str(tmp_path / "hf_ctc"))
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf_ctc"))
+    assert tok.pad_token_id == 0 and tok.convert_ids_to_tokens(list(range(4, 9))) == letters  # blank = <s> = 0
+    for path in ckpts["wavs"]:
+        wav, _ = sf.read(path, dtype="float32")
+        with torch.no_grad():
+            ours = ctc(d2v_plugin.load(str(ckpts["audio_v1"])).read(path)[None])["logits"][0]
+            theirs = hf(**fe(wav, sampling_rate=16000, return_tensors="pt")).logits[0]
+        assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= TOL
+    cls_data = tmp_path / "cls"
+    cls_data.mkdir()
+    for name in ("dict.txt", "spm.model"):
+        shutil.copy(corpora["text"] / name, cls_data / name)
+    (cls_data / "labels.txt").write_text("neg\npos\n")
+    clf = finetuned_checkpoint(ckpts["text_v2"], tmp_path / "cls.pt", "d2v_text_classifier",
+                               {"_name": "d2v_text_classification", "data": str(cls_data)}, 2)
+    res = export(tmp_path / "cls.pt", "hf", tmp_path / "hf_cls")
+    assert res.returncode == 0 and "Data2VecTextForSequenceClassification" in res.stdout, res.stderr
+    hf = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf_cls")).eval()
+    tok = AutoTokenizer.from_pretrained(str(tmp_path / "hf_cls"))
+    assert hf.config.id2label == {0: "neg", 1: "pos"}
+    ex = d2v_plugin.load(str(ckpts["text_v2"]))
+    for line in ckpts["lines"]:
+        ids = ex.read(line)
+        assert tok(line)["input_ids"] == ids.tolist()
+        with torch.no_grad():
+            ours, theirs = clf(ids[None])["logits"], hf(**tok(line, return_tensors="pt")).logits
+        assert (ours - theirs).abs().max() <= TOL
