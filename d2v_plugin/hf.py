@@ -166,6 +166,35 @@ def fast_tokenizer(spm_model: bytes, dictionary) -> Tuple["object", int]:
     return tok, len(extra)
 
 
+def _tokenizer(files: Dict[str, bytes], rows: int, path: str):
+    """dict.txt + spm.model bytes -> (the dictionary with <mask>, the fast tokenizer, its ids after the dictionary)."""
+    import io
+
+    from .vocab import Vocabulary
+
+    vocab = Vocabulary.load(io.StringIO(files["dict.txt"].decode("utf-8")), "dict.txt")
+    vocab.add_symbol("<mask>")
+    if len(vocab) != rows:
+        raise ExportError(f"{path}: the dictionary has {len(vocab)} symbols with <mask>, the model {rows} embeddings")
+    tok, extra = fast_tokenizer(files["spm.model"], vocab)
+    return vocab, tok, extra
+
+
+def _save(out: str, cfg, tensors: Dict[str, torch.Tensor], arch: str, tok=None, max_len: int = 0) -> None:
+    """The transformers folder: config.json, model.safetensors (and the tokenizer of a text model)."""
+    from safetensors.torch import save_file
+
+    if tok is not None:
+        from transformers import PreTrainedTokenizerFast
+
+        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+                                mask_token="<mask>", model_max_length=max_len).save_pretrained(out)
+    cfg.architectures = [arch]
+    cfg.save_pretrained(out)
+    save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
+              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+
+
 def hf_model(c: Dict, state: Dict[str, torch.Tensor], task: Optional[Dict] = None, extra_ids: int = 0,
              specials: Tuple[int, int, int, int] = (0, 1, 2, 3)):
     """A plugin model config + encoder state -> (transformers config, its state dict, class name).
@@ -205,14 +234,10 @@ def hf_model(c: Dict, state: Dict[str, torch.Tensor], task: Optional[Dict] = Non
 
 def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
     """CKPT -> a transformers folder; returns the class name written."""
-    import io
-
-    from safetensors.torch import save_file
-    from transformers import PreTrainedTokenizerFast, Wav2Vec2FeatureExtractor
+    from transformers import Wav2Vec2FeatureExtractor
 
     from .checkpoints import PretrainedCheckpointError, audio_normalize, read_pretrained
     from .extract import ExtractError, build_model
-    from .vocab import Vocabulary
 
     finetuned = read_finetuned(ckpt_path)
     if finetuned is not None:
@@ -238,19 +263,9 @@ def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
                                  do_normalize=audio_normalize(pre["task"]), return_attention_mask=True).save_pretrained(out)
     else:
         files = _text_files(pre, ckpt_path)
-        vocab = Vocabulary.load(io.StringIO(files["dict.txt"].decode("utf-8")), "dict.txt")
-        vocab.add_symbol("<mask>")
-        rows = state["modality_encoders.text.embed_tokens.weight"].shape[0]
-        if len(vocab) != rows:
-            raise ExportError(f"{ckpt_path}: the dictionary has {len(vocab)} symbols with <mask>, the model {rows} embeddings")
-        tok, extra = fast_tokenizer(files["spm.model"], vocab)
+        vocab, tok, extra = _tokenizer(files, state["modality_encoders.text.embed_tokens.weight"].shape[0], ckpt_path)
         cfg, tensors, arch = hf_model(c, state, extra_ids=extra, specials=(vocab.bos(), vocab.pad(), vocab.eos(), vocab.unk()))
-        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                mask_token="<mask>", model_max_length=int(c["text_max_positions"])).save_pretrained(out)
-    cfg.architectures = [arch]
-    cfg.save_pretrained(out)
-    save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
-              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    _save(out, cfg, tensors, arch, tok if "text" in str(c.get("modalities")) else None, int(c.get("text_max_positions", 0)))
     if arch == "Data2VecAudioModel" and c.get("padding_aware", True):
         return (f"{arch} (the model has padding_aware=true: transformers gives its features per utterance; in padded "
                 "batches it zeroes padded frames only before the positional conv, not between its layers, so rows "
@@ -298,7 +313,6 @@ def _data_file(ft: Dict, name: str, path: str) -> str:
 
 def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
     """A fine-tuned checkpoint -> transformers' ``...ForCTC`` / ``...ForSequenceClassification``."""
-    from safetensors.torch import save_file
     from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
 
     from .checkpoints import audio_normalize
@@ -339,7 +353,16 @@ def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
         outputs = head["head.3.weight"].shape[0]
         if outputs != max(1, len(labels)):
             raise ExportError(f"{path}: labels.txt has {len(labels)} labels, the head {outputs} outputs")
-        cfg, tensors, _ = hf_model(c, state)
+        files = {}
+        for name in ("dict.txt", "spm.model"):  # the fine-tuning data (prep.text_classification copies them), else the pretraining data
+            dirs = [d for d in (ft["task"].get("data"), ft["pretrained_task"].get("data")) if d]
+            found = next((os.path.join(d, name) for d in dirs if os.path.isfile(os.path.join(d, name))), None)
+            if found is None:
+                raise ExportError(f"{path}: no {name} in the fine-tuning or pretraining data folder ({', '.join(dirs)}); "
+                                  "restore one and export again")
+            files[name] = open(found, "rb").read()
+        vocab, tok, extra = _tokenizer(files, state["modality_encoders.text.embed_tokens.weight"].shape[0], path)
+        cfg, tensors, _ = hf_model(c, state, extra_ids=extra, specials=(vocab.bos(), vocab.pad(), vocab.eos(), vocab.unk()))
         cfg.num_labels = outputs
         if labels:
             cfg.id2label, cfg.label2id = dict(enumerate(labels)), {lab: i for i, lab in enumerate(labels)}
@@ -351,29 +374,5 @@ def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
             for kind in ("weight", "bias"):
                 tensors[f"{theirs}.{kind}"] = head[f"{ours}.{kind}"]
         os.makedirs(out, exist_ok=True)
-        files = {}
-        for name in ("dict.txt", "spm.model"):  # the fine-tuning data (prep.text_classification copies them), else the pretraining data
-            dirs = [d for d in (ft["task"].get("data"), ft["pretrained_task"].get("data")) if d]
-            found = next((os.path.join(d, name) for d in dirs if os.path.isfile(os.path.join(d, name))), None)
-            if found is None:
-                raise ExportError(f"{path}: no {name} in the fine-tuning or pretraining data folder ({', '.join(dirs)}); "
-                                  "restore one and export again")
-            files[name] = open(found, "rb").read()
-        import io
-
-        vocab = Vocabulary.load(io.StringIO(files["dict.txt"].decode("utf-8")), "dict.txt")
-        vocab.add_symbol("<mask>")
-        tok, extra = fast_tokenizer(files["spm.model"], vocab)
-        if extra:
-            cfg.vocab_size += extra
-            w = tensors["data2vec_text.embeddings.word_embeddings.weight"]
-            tensors["data2vec_text.embeddings.word_embeddings.weight"] = torch.cat([w, w[vocab.unk() : vocab.unk() + 1].expand(extra, -1)])
-        from transformers import PreTrainedTokenizerFast
-
-        PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-                                mask_token="<mask>", model_max_length=int(c["text_max_positions"])).save_pretrained(out)
-    cfg.architectures = [arch]
-    cfg.save_pretrained(out)
-    save_file({k: v.detach().float().contiguous().clone() for k, v in tensors.items()},
-              os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    _save(out, cfg, tensors, arch, tok if ft["name"] == "d2v_text_classifier" else None, int(c.get("text_max_positions", 0)))
     return arch
