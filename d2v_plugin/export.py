@@ -38,7 +38,8 @@ def _text_files(pre: Dict, path: str) -> Dict[str, bytes]:
             f = os.path.join(pre["task"].get("data") or "", name)
             if not os.path.isfile(f):
                 raise ExportError(f"{path}: the checkpoint holds no {name} and task.data={pre['task'].get('data')!r} "
-                                  f"has none: pass a checkpoint of d2v_text_pretraining or restore its data folder")
+                                  f"has none: pass a checkpoint of d2v_text_pretraining, restore its data folder, or "
+                                  f"export the weights alone with --no-vocabulary")
             out[name] = open(f, "rb").read()
     return out
 
@@ -47,8 +48,9 @@ def _json_safe(d: Dict) -> Dict:
     return json.loads(json.dumps(d, default=str))
 
 
-def write_safetensors(ckpt_path: str, out: str, weights: str = "student") -> Dict:
-    """CKPT -> DIR with config.json, model.safetensors (and the text vocabulary); returns the config."""
+def write_safetensors(ckpt_path: str, out: str, weights: str = "student", vocabulary: bool = True) -> Dict:
+    """CKPT -> DIR with config.json, model.safetensors (and the text vocabulary); returns the config.
+    ``vocabulary=False``: a text model without dict.txt / spm.model (it then reads token ids only)."""
     from safetensors.torch import save_file
 
     from .checkpoints import PretrainedCheckpointError, read_pretrained
@@ -66,9 +68,10 @@ def write_safetensors(ckpt_path: str, out: str, weights: str = "student") -> Dic
         raise ExportError(f"{ckpt_path}: {len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}): "
                           "a diverged run; export an earlier checkpoint")
     modalities = parse_modalities(pre["model"].get("modalities", "audio"))
-    files = _text_files(pre, ckpt_path) if "text" in modalities else {}
+    files = _text_files(pre, ckpt_path) if "text" in modalities and vocabulary else {}
     os.makedirs(out, exist_ok=True)
     config = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": weights, "modalities": modalities,
+              "text_vocabulary": bool(files),
               "source": os.path.abspath(ckpt_path), "model": _json_safe(pre["model"]), "task": _json_safe(pre["task"])}
     for name, data in files.items():
         with open(os.path.join(out, name), "wb") as f:
@@ -123,12 +126,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--weights", default="student", choices=["student", "teacher"],
                     help="the student's weights or the EMA teacher's")
+    ap.add_argument("--no-vocabulary", action="store_true",
+                    help="export a text model without dict.txt / spm.model (e.g. an official one, GPT-2 BPE): token ids only")
     a = ap.parse_args(argv)
     from d2v_plugin.export import ExportError as raised  # under `python -m` this module is __main__, not the one hf imports
     try:
         if a.to == "safetensors":
-            cfg = write_safetensors(a.checkpoint, a.out, a.weights)
-            print(f"wrote {a.out}: {','.join(cfg['modalities'])} encoder ({cfg['weights']} weights), "
+            cfg = write_safetensors(a.checkpoint, a.out, a.weights, not a.no_vocabulary)
+            vocab = ", no text vocabulary (token ids only)" if "text" in cfg["modalities"] and not cfg["text_vocabulary"] else ""
+            print(f"wrote {a.out}: {','.join(cfg['modalities'])} encoder ({cfg['weights']} weights{vocab}), "
                   f"d2v_plugin.load({a.out!r}) reads it")
         else:
             from .hf import write_hf

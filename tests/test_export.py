@@ -337,3 +337,31 @@ def test_hf_export_of_finetuned_models_gives_the_plugins_logits(ckpts, corpora, 
         with torch.no_grad():
             ours, theirs = clf(ids[None])["logits"], hf(**tok(line, return_tensors="pt")).logits
         assert (ours - theirs).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("name", ["v1_audio", "v2_text"])
+def test_official_checkpoints_load_and_export_without_fairseq(tmp_path, name):
+    """An official checkpoint (golden fixture as fairseq saves it) read, extracted and exported
+    to safetensors in a process where fairseq cannot be imported: the official features."""
+    from .test_convert import eval_inputs, official_checkpoint
+
+    r = official_checkpoint(os.path.join(GOLDEN, f"{name}.pt"), tmp_path / "official.pt")
+    source, pad, expected = eval_inputs(r)
+    torch.save({"source": source, "pad": pad, "expected": expected}, tmp_path / "io.pt")
+    script = f"""
+import sys
+sys.modules["fairseq"] = None
+import torch, d2v_plugin
+from d2v_plugin.export import write_safetensors
+io = torch.load({str(tmp_path / 'io.pt')!r})
+write_safetensors({str(tmp_path / 'official.pt')!r}, {str(tmp_path / 'st')!r}, vocabulary={name != 'v2_text'})
+for path in ({str(tmp_path / 'official.pt')!r}, {str(tmp_path / 'st')!r}):
+    ex = d2v_plugin.load(path)
+    with torch.no_grad():
+        x = ex.model.extract_features(io["source"], io["pad"], modality=ex.modality)["x"]
+    err = float((x - io["expected"]).abs().max())
+    assert err <= 1e-5, (path, err)
+print("ok", [m for m in sys.modules if m.startswith("fairseq") and sys.modules[m] is not None])
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and res.stdout.strip().endswith("ok []"), res.stderr[-2000:] + res.stdout
