@@ -1,6 +1,7 @@
 """Sample corpora built from Debian packages (no downloads at run time).
 
     python -m d2v_plugin.samples speech --out DIR --n N
+    python -m d2v_plugin.samples commands --out DIR [--reps R]
     python -m d2v_plugin.samples images --out DIR --n N --size S
     python -m d2v_plugin.samples text --out DIR --n N
 
@@ -8,6 +9,12 @@ speech: WordNet's example sentences (package ``wordnet-base``) read by ``espeak-
 with varied voices/accents, speeds and pitches, resampled to 16 kHz mono 16-bit wav.
 Writes DIR/wav/*.wav, DIR/transcripts.tsv (relative path, text) and DIR/speakers.tsv
 (relative path, voice, sentence id) so later steps can hold out voices and sentences.
+
+commands: spoken command words (Speech Commands' ten: yes, no, up, down, left, right, on,
+off, stop, go) by ``espeak-ng``, every word by every voice R times at random rates and
+pitches; two voices are held out for validation. Writes DIR/wav/, DIR/{train,valid}.tsv
+(wav2vec manifests), DIR/{train,valid}.label (one word per manifest line) and DIR/labels.txt:
+an audio-classification task.
 
 images: Fashion-MNIST (package ``dataset-fashion-mnist``) as PNG files in class folders,
 DIR/train/<class>/*.png (from the training set) and DIR/valid/<class>/*.png (from the
@@ -100,6 +107,44 @@ def build_speech(out: str, n: int, seed: int = 0, workers: int = 2) -> List[Tupl
     return [(rel, text, voice, sid) for rel, text, voice, _, _, sid in jobs]
 
 
+COMMANDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]  # Speech Commands' ten words
+
+
+def build_commands(out: str, reps: int = 4, valid_voices: Tuple[str, ...] = ("en-gb-scotland", "en-us+m3"),
+                   seed: int = 0, workers: int = 2) -> dict:
+    """Spoken command words (an audio-classification task): every word of ``COMMANDS`` said by
+    every voice ``reps`` times at random rates and pitches. ``valid_voices`` are held out for
+    validation. Writes OUT/wav/, and OUT/{train,valid}.tsv (wav2vec manifests), .label (one
+    word per line, in manifest order) and labels.txt."""
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("error: espeak-ng not found; install the Debian package espeak-ng (apt-get install espeak-ng)")
+    unknown = [v for v in valid_voices if v not in VOICES]
+    if unknown:
+        raise SystemExit(f"error: valid voices {unknown} are not among the sample voices: {', '.join(VOICES)}")
+    rng = random.Random(seed)
+    jobs = [(f"wav/{word}_{voice.replace('+', '_')}_{r}.wav", word, voice, rng.randint(110, 220), rng.randint(20, 80))
+            for word in COMMANDS for voice in VOICES for r in range(reps)]
+    os.makedirs(os.path.join(out, "wav"), exist_ok=True)
+
+    def run(job):
+        rel, word, voice, speed, pitch = job
+        return synthesize(word, voice, speed, pitch, os.path.join(out, rel))
+
+    with ThreadPoolExecutor(workers) as pool:
+        lengths = list(pool.map(run, jobs))
+    counts = {}
+    for split in ("train", "valid"):
+        rows = [(job, n) for job, n in zip(jobs, lengths) if (job[2] in valid_voices) == (split == "valid")]
+        with open(os.path.join(out, f"{split}.tsv"), "w") as f:
+            f.write(os.path.abspath(out) + "\n" + "".join(f"{job[0]}\t{n}\n" for job, n in rows))
+        with open(os.path.join(out, f"{split}.label"), "w") as f:
+            f.write("".join(f"{job[1]}\n" for job, _ in rows))
+        counts[split] = len(rows)
+    with open(os.path.join(out, "labels.txt"), "w") as f:
+        f.write("\n".join(COMMANDS) + "\n")
+    return counts
+
+
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = ["tshirt_top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle_boot"]
 
@@ -184,16 +229,22 @@ def build_text(out: str, n: int = 0) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("kind", choices=["speech", "images", "text"], help="which sample corpus to build")
+    ap.add_argument("kind", choices=["speech", "commands", "images", "text"], help="which sample corpus to build")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--n", type=int, default=400, help="number of utterances / training images / articles (text: 0 = all)")
     ap.add_argument("--size", type=int, default=32, help="images: side in pixels (Fashion-MNIST is 28)")
     ap.add_argument("--seed", type=int, default=0, help="seed of sentence/voice choice")
+    ap.add_argument("--reps", type=int, default=4, help="commands: utterances of each word per voice")
     a = ap.parse_args(argv)
     if a.n < (0 if a.kind == "text" else 1):
         ap.error(f"--n {a.n}: at least 1 (text: 0 = every article)")
     if a.kind == "text":
         print(f"wrote {build_text(a.out, a.n)} to {a.out}/news.txt and {a.out}/sentiment/", file=sys.stderr)
+        return
+    if a.kind == "commands":
+        counts = build_commands(a.out, a.reps, seed=a.seed)
+        print(f"wrote {counts} utterances of {len(COMMANDS)} command words to {a.out}/wav, manifests and labels in "
+              f"{a.out}/{{train,valid}}.{{tsv,label}} (valid: held-out voices)", file=sys.stderr)
         return
     if a.kind == "images":
         counts = build_images(a.out, a.n, a.size, a.seed)

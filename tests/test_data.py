@@ -1,4 +1,6 @@
 """Manifests, the speech dataset and its bad-input behaviour."""
+import os
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -109,3 +111,21 @@ def test_batching_keeps_the_last_partial_batch(speech_corpus):
         batches = ds.batch_by_size(indices, max_sentences=8, required_batch_size_multiple=mult)
         assert sorted(np.concatenate(batches).tolist()) == sorted(indices.tolist())
         assert max(len(b) for b in batches) <= 8
+
+
+@pytest.mark.slow
+def test_command_words_hold_out_voices(tmp_path):
+    from d2v_plugin.data.audio import read_manifest
+    from d2v_plugin.samples import COMMANDS, VOICES, build_commands
+
+    counts = build_commands(str(tmp_path), reps=1, valid_voices=("en-gb-scotland",))
+    assert counts == {"train": len(COMMANDS) * (len(VOICES) - 1), "valid": len(COMMANDS)}
+    assert (tmp_path / "labels.txt").read_text().split() == COMMANDS
+    for split in ("train", "valid"):
+        root, entries = read_manifest(str(tmp_path / f"{split}.tsv"))
+        labels = (tmp_path / f"{split}.label").read_text().split("\n")[:-1]
+        assert len(labels) == len(entries) == counts[split]
+        for (rel, n, *_), word in zip(entries, labels):
+            info = sf.info(os.path.join(root, rel))
+            assert info.samplerate == 16000 and info.frames == int(n) and os.path.basename(rel).startswith(word + "_")
+            assert ("scotland" in rel) == (split == "valid")  # held-out voice only in valid
