@@ -18,8 +18,8 @@ except ImportError:  # loading and extracting only
     HAS_FAIRSEQ = False
 if HAS_FAIRSEQ:
     from .criterions import classification, ctc, d2v  # noqa: F401
-    from .models import d2v_ctc, d2v_image_classifier, d2v_multi, d2v_text_classifier  # noqa: F401
-    from .tasks import asr_finetuning, audio_pretraining, image, multimodal, text  # noqa: F401
+    from .models import d2v_audio_classifier, d2v_ctc, d2v_image_classifier, d2v_multi, d2v_text_classifier  # noqa: F401
+    from .tasks import asr_finetuning, audio_classification, audio_pretraining, image, multimodal, text  # noqa: F401
 
 # fairseq's wav2vec2_classification module sets the root logger to DEBUG when imported,
 # which makes Pillow log every PNG chunk in our own command-line tools

@@ -131,16 +131,8 @@ class Extractor:
     def hidden(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor]):
         """A batch -> (B, L + 1, E + T, D): the shared blocks' input, then every block's output,
         extra tokens (image CLS) first; and the (B, T) padding."""
-        m = self.model
-        states: List[torch.Tensor] = []
-        pre = m.blocks[0].register_forward_pre_hook(lambda mod, args: states.append(args[0]))
-        hooks = [blk.register_forward_hook(lambda mod, i, o: states.append(o[0])) for blk in m.blocks]
-        try:
-            out = m.extract_features(self._cast(source), padding_mask, modality=self.modality)
-        finally:
-            for h in [pre, *hooks]:
-                h.remove()
-        return torch.stack(states, dim=1), out["padding_mask"]
+        states, pad = self.model.hidden_states(self._cast(source), padding_mask, self.modality)
+        return torch.stack(states, dim=1), pad
 
     @property
     def downsampling(self) -> int:

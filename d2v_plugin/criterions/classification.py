@@ -1,6 +1,6 @@
 """fairseq adapter: the ``d2v_classification`` criterion — cross-entropy with label
 smoothing and optional mixup / cutmix (images); logs top-1 (and top-5 with more than 5
-classes; F1 and MCC with 2 classes). Regression tasks (``task.regression``): squared
+classes; F1 and MCC with 2 classes; macro F1 with 3-64 classes). Regression tasks (``task.regression``): squared
 error, logs Pearson's r (from sums) and, in single-process validation (``fairseq-validate``,
 validation during one-process training), Spearman's rank correlation over the whole split.
 Every other logged value is a sum, so distributed runs combine them."""
@@ -18,6 +18,8 @@ from fairseq.logging.meters import ConcatTensorMeter
 from scipy.stats import rankdata
 
 from .base import SummedLogsCriterion
+
+MACRO_F1_MAX_CLASSES = 64  # up to this many classes, validation logs the macro F1 (per-class counts)
 
 
 @dataclass
@@ -91,6 +93,11 @@ class D2vClassificationCriterion(SummedLogsCriterion):
             if self.num_classes == 2:
                 p, t = top[:, 0] == 1, labels == 1
                 log.update(tp=int((p & t).sum()), fp=int((p & ~t).sum()), fn=int((~p & t).sum()), tn=int((~p & ~t).sum()))
+            elif self.num_classes <= MACRO_F1_MAX_CLASSES:  # per-class counts (sums) for the macro F1
+                pred = top[:, 0]
+                for c in range(self.num_classes):
+                    p, t = pred == c, labels == c
+                    log.update({f"tp{c}": int((p & t).sum()), f"fp{c}": int((p & ~t).sum()), f"fn{c}": int((~p & t).sum())})
         return loss, B, log
 
     @staticmethod
@@ -102,10 +109,20 @@ class D2vClassificationCriterion(SummedLogsCriterion):
             metrics.log_scalar("top1", 100.0 * total("correct1") / counted, counted, round=2)
             if total("correct5"):
                 metrics.log_scalar("top5", 100.0 * total("correct5") / counted, counted, round=2)
-        tp, fp, fn, tn = (total(k) for k in ("tp", "fp", "fn", "tn"))
-        if tp + fp + fn + tn:
-            metrics.log_scalar("f1", 100.0 * f1_score(tp, fp, fn), counted, round=2)
-            metrics.log_scalar("mcc", 100.0 * matthews(tp, fp, fn, tn), counted, round=2)
+        # F1 and MCC are not means over batches: their counts are summed over the split (or log
+        # interval) and the scores derived from the sums
+        keys = [k for k in ("tp", "fp", "fn", "tn") if any(k in log for log in logging_outputs)]
+        keys += [f"{k}{c}" for c in range(MACRO_F1_MAX_CLASSES) for k in ("tp", "fp", "fn")
+                 if any(f"tp{c}" in log for log in logging_outputs)]
+        for k in keys:
+            metrics.log_scalar_sum("_" + k, total(k))
+        if "tp" in keys:
+            metrics.log_derived("f1", lambda m: round(100.0 * f1_score(*(m[f"_{k}"].sum for k in ("tp", "fp", "fn"))), 2))
+            metrics.log_derived("mcc", lambda m: round(100.0 * matthews(*(m[f"_{k}"].sum for k in ("tp", "fp", "fn", "tn"))), 2))
+        elif keys:  # macro F1: the unweighted mean over the classes (one never seen nor predicted counts 0)
+            n_classes = len(keys) // 3
+            metrics.log_derived("f1", lambda m: round(100.0 * sum(
+                f1_score(*(m[f"_{k}{c}"].sum for k in ("tp", "fp", "fn"))) for c in range(n_classes)) / n_classes, 2))
         n = total("n")
         if n:
             metrics.log_scalar("pearson", 100.0 * pearson(n, *(total(k) for k in ("sx", "sy", "sxx", "syy", "sxy"))), n, round=2)

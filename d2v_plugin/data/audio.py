@@ -250,3 +250,47 @@ class LabelledAudioDataset(AudioPretrainDataset):
         batch["target"] = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=self.pad_index)
         batch["ntokens"] = int(batch["target_lengths"].sum())
         return batch
+
+
+class ClassifiedAudioDataset(AudioPretrainDataset):
+    """Audio with one class per manifest entry (line i of ``{split}.label`` names the class
+    of entry i of ``{split}.tsv``, one of ``labels``), for audio classification. Batches
+    are padded, never cropped: files longer than ``max_sample_size`` are skipped (counted
+    and logged)."""
+
+    def __init__(self, manifest: str, labels_path: str, labels: List[str], sample_rate: int = 16000,
+                 max_sample_size: int = 480000, min_sample_size: int = 0, normalize: bool = True,
+                 seed: int = 1, shuffle: bool = True):
+        super().__init__(manifest, sample_rate, max_sample_size, min_sample_size, normalize, True, seed, shuffle)
+        if not os.path.isfile(labels_path):
+            raise AudioDataError(f"{labels_path}: labels not found; write one class name per line of {manifest} "
+                                 "(python -m d2v_plugin.samples commands makes an example)")
+        with open(labels_path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f.read().splitlines()]
+        if len(lines) != self.num_entries:
+            raise AudioDataError(f"{labels_path} has {len(lines)} lines but {manifest} lists {self.num_entries} files; "
+                                 "write one class per manifest line")
+        index = {name: i for i, name in enumerate(labels)}
+        unknown = sorted({lines[i] for i in self.entry_ids if lines[i] not in index})
+        if unknown:
+            raise AudioDataError(f"{labels_path}: classes {unknown[:5]} are not in labels.txt ({', '.join(labels[:10])}); "
+                                 "add them there or fix the labels")
+        self.targets = [index[lines[i]] for i in self.entry_ids]
+        self._keep(self.sizes <= max_sample_size,
+                   f"longer than max_sample_size={max_sample_size} samples (labelled audio is never cropped)",
+                   "raise task.max_sample_size")
+
+    def _keep(self, keep: np.ndarray, why: str, fix: str) -> None:
+        super()._keep(keep, why, fix)
+        if hasattr(self, "targets"):
+            self.targets = [t for t, k in zip(self.targets, keep) if k]
+
+    def __getitem__(self, index: int) -> Dict:
+        return {**super().__getitem__(index), "label": self.targets[index]}
+
+    def collater(self, samples: List[Dict]) -> Dict:
+        batch = super().collater(samples)
+        if batch:
+            batch["target"] = torch.tensor([s["label"] for s in samples])
+            batch["ntokens"] = len(samples)
+        return batch

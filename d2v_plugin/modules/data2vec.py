@@ -12,7 +12,7 @@ local features; it is stepped by ``ema_step`` once per optimizer update.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -284,6 +284,21 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
         x, layer_results = self.encode(enc, x, pad, positions, blocks, keep_last=None)
         return {"x": x[:, enc.num_extra:], "padding_mask": pad, "layer_results": layer_results,
                 "extra": x[:, : enc.num_extra]}
+
+    def hidden_states(self, source: Tensor, padding_mask: Optional[Tensor] = None, modality: Optional[str] = None,
+                      masker: Optional[Callable] = None) -> Tuple[List[Tensor], Optional[Tensor]]:
+        """``extract_features`` keeping every layer: [the shared blocks' input, block 1's output,
+        ..., block L's output], each (B, E + T, D) with the extra tokens first (transformers'
+        ``output_hidden_states``), and the (B, T) padding mask."""
+        states: List[Tensor] = []
+        hooks = [self.blocks[0].register_forward_pre_hook(lambda mod, args: states.append(args[0]))]
+        hooks += [blk.register_forward_hook(lambda mod, i, o: states.append(o[0])) for blk in self.blocks]
+        try:
+            out = self.extract_features(source, padding_mask, modality, masker=masker)
+        finally:
+            for h in hooks:
+                h.remove()
+        return states, out["padding_mask"]
 
     def remove_pretraining_modules(self, modality: Optional[str] = None) -> None:
         """Drop the teacher, decoders, regression head (and other modalities)."""

@@ -1,0 +1,86 @@
+"""fairseq adapter: the ``d2v_audio_classification`` task (one class per recording:
+spoken commands, speakers, sounds) for fine-tuning and ``fairseq-validate``.
+
+DATA holds ``{split}.tsv`` (wav2vec manifests), ``{split}.label`` (one class name per
+manifest line) and ``labels.txt`` (the classes, one per line); ``python -m
+d2v_plugin.samples commands`` writes an example. Metrics: the ``d2v_classification``
+criterion's top-1 accuracy and macro F1.
+"""
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import List
+
+from fairseq.tasks import FairseqTask, register_task
+from omegaconf import II, MISSING
+
+from ..data.audio import AudioDataError, ClassifiedAudioDataset
+from ..fairseq_utils import unwrap
+from ..modules.feature_extractor import receptive_field
+from .base import FinetuneTaskMixin, NoDictionaryTask, RunConfig, RunFeedbackMixin, data_dir
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class D2vAudioClassificationConfig(RunConfig):
+    data: str = field(default=MISSING, metadata={"help": "directory with {split}.tsv, {split}.label and labels.txt"})
+    sample_rate: int = field(default=16000, metadata={"help": "required sample rate (Hz) of every file"})
+    normalize: bool = field(
+        default=True, metadata={"help": "zero-mean unit-variance waveforms; must match the pretrained model's setting"}
+    )
+    max_sample_size: int = field(
+        default=480000, metadata={"help": "longer files are skipped, counted and logged (labelled audio is never cropped)"}
+    )
+    min_sample_size: int = field(default=0, metadata={"help": "shorter files are skipped, counted and logged"})
+    seed: int = field(default=II("common.seed"), metadata={"help": "seed of the batch order (common.seed)"})
+
+
+@register_task("d2v_audio_classification", dataclass=D2vAudioClassificationConfig)
+class D2vAudioClassificationTask(RunFeedbackMixin, FinetuneTaskMixin, NoDictionaryTask, FairseqTask):
+    cfg: D2vAudioClassificationConfig
+    regression = False
+
+    def __init__(self, cfg: D2vAudioClassificationConfig, labels: List[str]):
+        super().__init__(cfg)
+        self.labels = labels
+
+    @classmethod
+    def setup_task(cls, cfg: D2vAudioClassificationConfig, **kwargs):
+        data = data_dir(cfg, "python -m d2v_plugin.samples commands (an example: {split}.tsv, {split}.label, labels.txt)")
+        path = os.path.join(data, "labels.txt")
+        if not os.path.isfile(path):
+            raise AudioDataError(f"{path}: not found; list the classes there, one per line")
+        with open(path, encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
+        if len(labels) < 2 or len(set(labels)) != len(labels):
+            raise AudioDataError(f"{path}: {len(labels)} class(es){' with duplicates' if len(set(labels)) != len(labels) else ''}; "
+                                 "classification needs two or more distinct classes")
+        return cls(cfg, labels)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        c = self.cfg
+        self.datasets[split] = ClassifiedAudioDataset(
+            os.path.join(c.data, f"{split}.tsv"), os.path.join(c.data, f"{split}.label"), self.labels, c.sample_rate,
+            c.max_sample_size, c.min_sample_size, c.normalize, c.seed, shuffle=split == "train")
+        self.check_lengths(split)
+        return self.datasets[split]
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        normalize = getattr(unwrap(model), "pretrained_normalize", self.cfg.normalize)
+        if normalize != self.cfg.normalize:
+            raise ValueError(f"task.normalize={self.cfg.normalize} but the pretrained model was trained with "
+                             f"normalize={normalize}; set task.normalize={str(normalize).lower()}")
+        self.encoder = unwrap(model).encoder.modality_encoders["audio"]
+        for split in self.datasets:
+            self.check_lengths(split)
+        return model
+
+    def check_lengths(self, split: str) -> None:
+        """Skip (counted, logged) files shorter than the extractor's receptive field."""
+        enc, ds = getattr(self, "encoder", None), self.datasets.get(split)
+        if enc is not None and ds is not None:
+            field_ = receptive_field(enc.spec)
+            ds._keep(ds.sizes >= field_, f"shorter than the feature extractor's receptive field ({field_} samples)",
+                     "use longer recordings")
