@@ -273,12 +273,12 @@ def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
     return arch
 
 
-FINETUNED = {"d2v_ctc": "Data2VecAudioForCTC", "d2v_text_classifier": "Data2VecTextForSequenceClassification",
-             "d2v_image_classifier": None}
+FINETUNED = {"d2v_ctc": "Data2VecAudioForCTC", "d2v_audio_classifier": "Data2VecAudioForSequenceClassification",
+             "d2v_text_classifier": "Data2VecTextForSequenceClassification", "d2v_image_classifier": None}
 
 
 def read_finetuned(path: str) -> Optional[Dict]:
-    """A fine-tuned checkpoint (d2v_ctc, d2v_text_classifier, d2v_image_classifier) -> its parts:
+    """A fine-tuned checkpoint (d2v_ctc, d2v_audio_classifier, d2v_text_classifier, d2v_image_classifier) -> its parts:
     name, pretrained model config, fine-tuning model and task config, encoder and head state; None
     for any other checkpoint (read_pretrained says what it is)."""
     from omegaconf import OmegaConf
@@ -341,10 +341,23 @@ def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
             json.dump({sym: i for i, sym in enumerate(letters.symbols)}, f, ensure_ascii=False)
         Wav2Vec2CTCTokenizer(os.path.join(out, "vocab.json"), bos_token="<bos_unused>", eos_token="<eos_unused>",
                              unk_token="<unk>", pad_token="<s>", word_delimiter_token="|").save_pretrained(out)
+    if ft["name"] == "d2v_audio_classifier":
+        with open(_data_file(ft, "labels.txt", path), encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
+        if len(labels) != head["classifier.weight"].shape[0]:
+            raise ExportError(f"{path}: labels.txt has {len(labels)} classes, the head {head['classifier.weight'].shape[0]}")
+        cfg, tensors, _ = hf_model(c, state)
+        cfg.num_labels, cfg.classifier_proj_size = len(labels), head["projector.weight"].shape[0]
+        cfg.id2label, cfg.label2id = dict(enumerate(labels)), {lab: i for i, lab in enumerate(labels)}
+        cfg.use_weighted_layer_sum = "layer_weights" in head
+        tensors = {"data2vec_audio." + k: v for k, v in tensors.items()}
+        tensors.update({k: v for k, v in head.items() if k.split(".")[0] in ("projector", "classifier", "layer_weights")})
+    if ft["name"] in ("d2v_ctc", "d2v_audio_classifier"):
+        os.makedirs(out, exist_ok=True)
         task = ft["pretrained_task"]
         Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=int(task.get("sample_rate", 16000)), padding_value=0.0,
                                  do_normalize=audio_normalize(task), return_attention_mask=True).save_pretrained(out)
-    else:
+    if ft["name"] == "d2v_text_classifier":
         if ft["model"].get("pooling", "first") != "first":
             raise ExportError(f"{path}: pooling={ft['model']['pooling']!r}; Data2VecTextForSequenceClassification reads "
                               "the <s> token (pooling=first)")
@@ -374,5 +387,7 @@ def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
             for kind in ("weight", "bias"):
                 tensors[f"{theirs}.{kind}"] = head[f"{ours}.{kind}"]
         os.makedirs(out, exist_ok=True)
-    _save(out, cfg, tensors, arch, tok if ft["name"] == "d2v_text_classifier" else None, int(c.get("text_max_positions", 0)))
+        _save(out, cfg, tensors, arch, tok, int(c["text_max_positions"]))
+        return arch
+    _save(out, cfg, tensors, arch)
     return arch

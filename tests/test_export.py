@@ -265,10 +265,11 @@ def test_bad_export_folders_get_one_line(ckpts, tmp_path):
     assert res.returncode == 1 and "file not found" in res.stderr.strip().splitlines()[-1] and "Traceback" not in res.stderr
 
 
-def finetuned_checkpoint(pre_path, out, name, task, outputs):
+def finetuned_checkpoint(pre_path, out, name, task, outputs, **fields):
     """A fine-tuned checkpoint made by the plugin's fine-tuning model classes on a pretrained
     encoder, its head random (as after fine-tuning)."""
     from d2v_plugin.extract import build_model
+    from d2v_plugin.models.d2v_audio_classifier import D2vAudioClassifier, D2vAudioClassifierConfig
     from d2v_plugin.models.d2v_ctc import D2vCtcConfig, D2vCtcModel
     from d2v_plugin.models.d2v_text_classifier import D2vTextClassifier, D2vTextClassifierConfig
 
@@ -278,6 +279,9 @@ def finetuned_checkpoint(pre_path, out, name, task, outputs):
     if name == "d2v_ctc":
         cfg = D2vCtcConfig(pretrained_args=args, layerdrop=0.0)
         model = D2vCtcModel(cfg, encoder, outputs, True)
+    elif name == "d2v_audio_classifier":
+        cfg = D2vAudioClassifierConfig(pretrained_args=args, layerdrop=0.0, classifier_proj_size=24, **fields)
+        model = D2vAudioClassifier(cfg, encoder, outputs, True)
     else:
         cfg = D2vTextClassifierConfig(pretrained_args=args, layerdrop=0.0)
         model = D2vTextClassifier(cfg, encoder, outputs)
@@ -318,6 +322,23 @@ def test_hf_export_of_finetuned_models_gives_the_plugins_logits(ckpts, corpora, 
             ours = ctc(d2v_plugin.load(str(ckpts["audio_v1"])).read(path)[None])["logits"][0]
             theirs = hf(**fe(wav, sampling_rate=16000, return_tensors="pt")).logits[0]
         assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= TOL
+    from transformers import AutoModelForAudioClassification
+
+    (asr / "labels.txt").write_text("yes\nno\nmaybe\n")
+    for pooling in ("mean", "weighted"):
+        clf = finetuned_checkpoint(ckpts["audio_v1"], tmp_path / f"ac_{pooling}.pt", "d2v_audio_classifier",
+                                   {"_name": "d2v_audio_classification", "data": str(asr)}, 3, pooling=pooling)
+        res = export(tmp_path / f"ac_{pooling}.pt", "hf", tmp_path / f"hf_ac_{pooling}")
+        assert res.returncode == 0 and "Data2VecAudioForSequenceClassification" in res.stdout, res.stderr
+        hf = AutoModelForAudioClassification.from_pretrained(str(tmp_path / f"hf_ac_{pooling}")).eval()
+        assert hf.config.id2label == {0: "yes", 1: "no", 2: "maybe"} and hf.config.use_weighted_layer_sum == (pooling == "weighted")
+        wavs = [sf.read(p, dtype="float32")[0] for p in ckpts["wavs"]]
+        ex = d2v_plugin.load(str(ckpts["audio_v1"]))
+        for path, wav in zip(ckpts["wavs"], wavs):
+            with torch.no_grad():
+                ours = clf(ex.read(path)[None])["logits"]
+                theirs = hf(**fe(wav, sampling_rate=16000, return_tensors="pt")).logits
+            assert (ours - theirs).abs().max() <= TOL, pooling
     cls_data = tmp_path / "cls"
     cls_data.mkdir()
     for name in ("dict.txt", "spm.model"):
