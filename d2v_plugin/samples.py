@@ -12,9 +12,9 @@ Writes DIR/wav/*.wav, DIR/transcripts.tsv (relative path, text) and DIR/speakers
 
 commands: spoken command words (Speech Commands' ten: yes, no, up, down, left, right, on,
 off, stop, go) by ``espeak-ng``, every word by every voice R times at random rates and
-pitches; two voices are held out for validation. Writes DIR/wav/, DIR/{train,valid}.tsv
-(wav2vec manifests), DIR/{train,valid}.label (one word per manifest line) and DIR/labels.txt:
-an audio-classification task.
+pitches; one voice is held out for validation, another for test. Writes DIR/wav/,
+DIR/{train,valid,test}.tsv (wav2vec manifests), DIR/{train,valid,test}.label (one word per
+manifest line) and DIR/labels.txt: an audio-classification task.
 
 images: Fashion-MNIST (package ``dataset-fashion-mnist``) as PNG files in class folders,
 DIR/train/<class>/*.png (from the training set) and DIR/valid/<class>/*.png (from the
@@ -110,17 +110,18 @@ def build_speech(out: str, n: int, seed: int = 0, workers: int = 2) -> List[Tupl
 COMMANDS = ["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go"]  # Speech Commands' ten words
 
 
-def build_commands(out: str, reps: int = 4, valid_voices: Tuple[str, ...] = ("en-gb-scotland", "en-us+m3"),
-                   seed: int = 0, workers: int = 2) -> dict:
+def build_commands(out: str, reps: int = 4, valid_voices: Tuple[str, ...] = ("en-gb-scotland",),
+                   test_voices: Tuple[str, ...] = ("en-us+m3",), seed: int = 0, workers: int = 2) -> dict:
     """Spoken command words (an audio-classification task): every word of ``COMMANDS`` said by
-    every voice ``reps`` times at random rates and pitches. ``valid_voices`` are held out for
-    validation. Writes OUT/wav/, and OUT/{train,valid}.tsv (wav2vec manifests), .label (one
-    word per line, in manifest order) and labels.txt."""
+    every voice ``reps`` times at random rates and pitches. ``valid_voices`` and ``test_voices``
+    are held out (validation, test). Writes OUT/wav/, and OUT/{train,valid,test}.tsv (wav2vec
+    manifests), .label (one word per line, in manifest order) and labels.txt."""
     if shutil.which("espeak-ng") is None:
         raise SystemExit("error: espeak-ng not found; install the Debian package espeak-ng (apt-get install espeak-ng)")
-    unknown = [v for v in valid_voices if v not in VOICES]
-    if unknown:
-        raise SystemExit(f"error: valid voices {unknown} are not among the sample voices: {', '.join(VOICES)}")
+    unknown = [v for v in (*valid_voices, *test_voices) if v not in VOICES]
+    if unknown or set(valid_voices) & set(test_voices):
+        raise SystemExit(f"error: valid voices {list(valid_voices)} and test voices {list(test_voices)} must be distinct "
+                         f"sample voices: {', '.join(VOICES)}")
     rng = random.Random(seed)
     jobs = [(f"wav/{word}_{voice.replace('+', '_')}_{r}.wav", word, voice, rng.randint(110, 220), rng.randint(20, 80))
             for word in COMMANDS for voice in VOICES for r in range(reps)]
@@ -133,8 +134,9 @@ def build_commands(out: str, reps: int = 4, valid_voices: Tuple[str, ...] = ("en
     with ThreadPoolExecutor(workers) as pool:
         lengths = list(pool.map(run, jobs))
     counts = {}
-    for split in ("train", "valid"):
-        rows = [(job, n) for job, n in zip(jobs, lengths) if (job[2] in valid_voices) == (split == "valid")]
+    split_of = {**{v: "valid" for v in valid_voices}, **{v: "test" for v in test_voices}}
+    for split in ("train", "valid", "test"):
+        rows = [(job, n) for job, n in zip(jobs, lengths) if split_of.get(job[2], "train") == split]
         with open(os.path.join(out, f"{split}.tsv"), "w") as f:
             f.write(os.path.abspath(out) + "\n" + "".join(f"{job[0]}\t{n}\n" for job, n in rows))
         with open(os.path.join(out, f"{split}.label"), "w") as f:
@@ -244,7 +246,7 @@ def main(argv=None) -> None:
     if a.kind == "commands":
         counts = build_commands(a.out, a.reps, seed=a.seed)
         print(f"wrote {counts} utterances of {len(COMMANDS)} command words to {a.out}/wav, manifests and labels in "
-              f"{a.out}/{{train,valid}}.{{tsv,label}} (valid: held-out voices)", file=sys.stderr)
+              f"{a.out}/{{train,valid,test}}.{{tsv,label}} (valid, test: held-out voices)", file=sys.stderr)
         return
     if a.kind == "images":
         counts = build_images(a.out, a.n, a.size, a.seed)

@@ -10,7 +10,11 @@
 4. decodes the held-out test split with `fairseq-generate --scoring d2v_wer` and prints
    CER/WER for the untrained, from-scratch and pretrained models: best path, beam search
    without LM, and beam search with a 4-gram word LM (`prep.lm`, built from the WordNet
-   sentences that no valid or test utterance reads; weights swept on valid).
+   sentences that no valid or test utterance reads; weights swept on valid);
+5. audio classification with the same pretrained checkpoint: spoken command words
+   (`d2v_plugin.samples commands`, valid and test voices held out), fine-tuned with
+   config/finetune/audio_classification/tiny.yaml from the pretrained checkpoint and from
+   random initialisation, scored on the test voices with `fairseq-validate` (accuracy, macro F1).
 """
 import argparse
 import json
@@ -21,7 +25,7 @@ import shutil
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from demo_common import BASELINE, PRETRAINED, PY, compare, curve_text, finetune_runs, loss_fell, pretrain, sh  # noqa: E402
+from demo_common import BASELINE, PRETRAINED, PY, compare, curve_text, fairseq_validate, finetune_runs, loss_fell, pretrain, sh  # noqa: E402
 from lm_sweep import generate, sweep  # noqa: E402
 
 
@@ -85,6 +89,20 @@ def build_lm(work, asr, order):
     return f"{work}/lm/lm.arpa"
 
 
+def command_words(work, pretrained, seed, reps, updates):
+    """Fine-tune the pretrained checkpoint and a random init on spoken command words -> results."""
+    data = f"{work}/commands"
+    shutil.rmtree(data, ignore_errors=True)
+    sh([PY, "-m", "d2v_plugin.samples", "commands", "--out", data, "--reps", str(reps)])
+
+    def evaluate(ckpt, log):
+        m = fairseq_validate(data, "d2v_audio_classification", ckpt, "test", 16, log)
+        return {"test_acc": m["top1"], "test_f1": m["f1"]}
+
+    runs = {BASELINE: ("true", updates, []), PRETRAINED: ("false", updates, [])}
+    return finetune_runs(work, "commands", "config/finetune/audio_classification", data, pretrained, seed, runs, evaluate)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", default="data/demo", help="working folder (corpus, checkpoints, logs)")
@@ -96,6 +114,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1, help="seed of the labelled subset and of training")
     ap.add_argument("--lm-order", type=int, default=4, help="order of the word n-gram LM")
     ap.add_argument("--beam", type=int, default=50, help="beam size of the beam-search decoders")
+    ap.add_argument("--command-reps", type=int, default=4, help="command words: utterances of each word per voice")
+    ap.add_argument("--cls-updates", type=int, default=500, help="command words: fine-tuning updates (each run)")
     a = ap.parse_args()
     work = os.path.abspath(a.work)
     manifest, asr = make_data(work, a.n, a.test_voices.split(","), a.labelled, a.seed)
@@ -140,9 +160,16 @@ def main():
               f"{beam:>11} {lm_wer:>9}")
     best = results[PRETRAINED]
     print(f"\nexample (test): REF {best['example_ref']!r}\n                HYP {best['example_hyp']!r}")
+
+    commands = command_words(work, pretrained, a.seed, a.command_reps, a.cls_updates)
+    print(f"\naudio classification: 10 spoken command words, {a.command_reps} utterances per word and voice; "
+          f"test: a held-out voice (en-us+m3)")
+    print(f"{'model':<40} {'updates':>7} {'min':>5} {'test acc %':>10} {'macro F1 %':>10}")
+    for name, r in commands.items():
+        print(f"{name:<40} {r['updates']:>7} {r['minutes']:>5} {r['test_acc']:>10.2f} {r['test_f1']:>10.2f}")
     with open(f"{work}/results.json", "w") as f:
-        json.dump({"pretrain_updates": a.updates, "labelled": n_lab, "test": n_test, "lm": tuned, "runs": results}, f,
-                  indent=1)
+        json.dump({"pretrain_updates": a.updates, "labelled": n_lab, "test": n_test, "lm": tuned, "runs": results,
+                   "command_words": commands}, f, indent=1)
     print(f"results: {work}/results.json; logs and fairseq-generate outputs in {work}/")
     untrained = results["untrained (random init, no training)"]["test_cer"]
     ok = loss_fell(curve) and same and fp32 and best["test_cer"] < 0.8 * untrained

@@ -118,14 +118,14 @@ def test_command_words_hold_out_voices(tmp_path):
     from d2v_plugin.data.audio import read_manifest
     from d2v_plugin.samples import COMMANDS, VOICES, build_commands
 
-    counts = build_commands(str(tmp_path), reps=1, valid_voices=("en-gb-scotland",))
-    assert counts == {"train": len(COMMANDS) * (len(VOICES) - 1), "valid": len(COMMANDS)}
+    counts = build_commands(str(tmp_path), reps=1, valid_voices=("en-gb-scotland",), test_voices=("en-us+m3",))
+    assert counts == {"train": len(COMMANDS) * (len(VOICES) - 2), "valid": len(COMMANDS), "test": len(COMMANDS)}
     assert (tmp_path / "labels.txt").read_text().split() == COMMANDS
-    for split in ("train", "valid"):
+    for split in ("train", "valid", "test"):
         root, entries = read_manifest(str(tmp_path / f"{split}.tsv"))
         labels = (tmp_path / f"{split}.label").read_text().split("\n")[:-1]
         assert len(labels) == len(entries) == counts[split]
         for (rel, n, *_), word in zip(entries, labels):
             info = sf.info(os.path.join(root, rel))
             assert info.samplerate == 16000 and info.frames == int(n) and os.path.basename(rel).startswith(word + "_")
-            assert ("scotland" in rel) == (split == "valid")  # held-out voice only in valid
+            assert ("scotland" in rel) == (split == "valid") and ("en-us_m3" in rel) == (split == "test")  # held out
