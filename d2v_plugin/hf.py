@@ -1,4 +1,7 @@
-"""Export to Hugging Face ``transformers`` (``python -m d2v_plugin.export CKPT --to hf``).
+"""Export to Hugging Face ``transformers`` (``python -m d2v_plugin.export CKPT --to hf``):
+pretraining checkpoints to ``Data2VecAudioModel`` / ``Data2VecTextModel``, fine-tuned ones to
+``Data2VecAudioForCTC``, ``Data2VecAudioForSequenceClassification`` and
+``Data2VecTextForSequenceClassification``.
 
 transformers' ``Data2VecText*`` (RoBERTa layout) and ``Data2VecAudio*`` (wav2vec 2.0 layout
 with a multi-layer positional convolution) compute exactly what the plugin computes when the
