@@ -46,7 +46,7 @@ def test_bad_labels_are_named(commands, tmp_path):
     with pytest.raises(AudioDataError, match="short.label has 9 lines but .*valid.tsv lists 10 files"):
         ClassifiedAudioDataset(str(commands / "valid.tsv"), str(tmp_path / "short.label"), labels)
     (tmp_path / "odd.label").write_text("\n".join(["maybe"] + lines[1:]) + "\n")
-    with pytest.raises(AudioDataError, match=r"classes \['maybe'\] are not in labels.txt"):
+    with pytest.raises(AudioDataError, match=r"odd.label, line 1: class 'maybe' is not in labels.txt"):
         ClassifiedAudioDataset(str(commands / "valid.tsv"), str(tmp_path / "odd.label"), labels)
     ds = ClassifiedAudioDataset(str(commands / "valid.tsv"), str(commands / "valid.label"), labels, shuffle=False)
     batch = ds.collater([ds[i] for i in range(4)])

@@ -203,35 +203,30 @@ class AudioPretrainDataset(ListedFilesDataset):
         return {"id": ids, "net_input": net_input}
 
 
-class LabelledAudioDataset(AudioPretrainDataset):
-    """Audio with a token sequence per manifest entry (line i of ``{split}.{labels}``
-    labels entry i of ``{split}.tsv``), for CTC fine-tuning. Batches are padded, never
-    cropped: files longer than ``max_sample_size`` are skipped (counted and logged)."""
+class LabelLinesAudioDataset(AudioPretrainDataset):
+    """Audio with one label line per manifest entry (line i of the labels file labels entry i
+    of ``{split}.tsv``), parsed by ``parse``. Batches are padded, never cropped: files longer
+    than ``max_sample_size`` are skipped (counted and logged)."""
 
-    def __init__(self, manifest: str, labels_path: str, dictionary, sample_rate: int = 16000,
-                 max_sample_size: int = 480000, min_sample_size: int = 0, normalize: bool = True,
-                 seed: int = 1, shuffle: bool = True):
+    MADE_BY = ""  # how to write the labels file (for the error lines)
+
+    def __init__(self, manifest: str, labels_path: str, sample_rate: int, max_sample_size: int, min_sample_size: int,
+                 normalize: bool, seed: int, shuffle: bool):
         super().__init__(manifest, sample_rate, max_sample_size, min_sample_size, normalize, True, seed, shuffle)
         if not os.path.isfile(labels_path):
-            raise AudioDataError(f"{labels_path}: labels not found; write them with "
-                                 "`python -m d2v_plugin.prep.asr_labels TRANSCRIPTS --manifest-dir DIR`")
+            raise AudioDataError(f"{labels_path}: labels not found; {self.MADE_BY}")
         with open(labels_path, encoding="utf-8") as f:
             lines = f.read().splitlines()
         if len(lines) != self.num_entries:
             raise AudioDataError(f"{labels_path} has {len(lines)} lines but {manifest} lists {self.num_entries} files; "
-                                 "re-run d2v_plugin.prep.asr_labels so they line up")
-        self.labels = []
-        for i in self.entry_ids:
-            tokens = dictionary.encode_line(lines[i], add_if_not_exist=False, append_eos=False).long()
-            unknown = [s for s, t in zip(lines[i].split(), tokens.tolist()) if t == dictionary.unk()]
-            if unknown or len(tokens) == 0:
-                what = f"symbols {sorted(set(unknown))} not in the dictionary" if unknown else "no symbols"
-                raise AudioDataError(f"{labels_path}, line {i + 1}: {what}; fix the transcript and re-run d2v_plugin.prep.asr_labels")
-            self.labels.append(tokens)
-        self.pad_index = dictionary.pad()
+                                 f"{self.MADE_BY} so they line up")
+        self.labels = [self.parse(lines[i], f"{labels_path}, line {i + 1}") for i in self.entry_ids]
         self._keep(self.sizes <= max_sample_size,
                    f"longer than max_sample_size={max_sample_size} samples (labelled audio is never cropped)",
                    "raise task.max_sample_size")
+
+    def parse(self, line: str, where: str):
+        raise NotImplementedError
 
     def _keep(self, keep: np.ndarray, why: str, fix: str) -> None:
         super()._keep(keep, why, fix)
@@ -240,6 +235,28 @@ class LabelledAudioDataset(AudioPretrainDataset):
 
     def __getitem__(self, index: int) -> Dict:
         return {**super().__getitem__(index), "label": self.labels[index]}
+
+
+class LabelledAudioDataset(LabelLinesAudioDataset):
+    """Audio with a token sequence per manifest entry (line i of ``{split}.{labels}``), for CTC
+    fine-tuning."""
+
+    MADE_BY = "write them with `python -m d2v_plugin.prep.asr_labels TRANSCRIPTS --manifest-dir DIR`"
+
+    def __init__(self, manifest: str, labels_path: str, dictionary, sample_rate: int = 16000,
+                 max_sample_size: int = 480000, min_sample_size: int = 0, normalize: bool = True,
+                 seed: int = 1, shuffle: bool = True):
+        self.dictionary, self.pad_index = dictionary, dictionary.pad()
+        super().__init__(manifest, labels_path, sample_rate, max_sample_size, min_sample_size, normalize, seed, shuffle)
+
+    def parse(self, line: str, where: str) -> torch.Tensor:
+        d = self.dictionary
+        tokens = d.encode_line(line, add_if_not_exist=False, append_eos=False).long()
+        unknown = [s for s, t in zip(line.split(), tokens.tolist()) if t == d.unk()]
+        if unknown or len(tokens) == 0:
+            what = f"symbols {sorted(set(unknown))} not in the dictionary" if unknown else "no symbols"
+            raise AudioDataError(f"{where}: {what}; fix the transcript and re-run d2v_plugin.prep.asr_labels")
+        return tokens
 
     def collater(self, samples: List[Dict]) -> Dict:
         batch = super().collater(samples)
@@ -252,41 +269,23 @@ class LabelledAudioDataset(AudioPretrainDataset):
         return batch
 
 
-class ClassifiedAudioDataset(AudioPretrainDataset):
-    """Audio with one class per manifest entry (line i of ``{split}.label`` names the class
-    of entry i of ``{split}.tsv``, one of ``labels``), for audio classification. Batches
-    are padded, never cropped: files longer than ``max_sample_size`` are skipped (counted
-    and logged)."""
+class ClassifiedAudioDataset(LabelLinesAudioDataset):
+    """Audio with one class per manifest entry (line i of ``{split}.label`` names one of
+    ``labels``), for audio classification."""
+
+    MADE_BY = "write one class name per manifest line (python -m d2v_plugin.samples commands makes an example)"
 
     def __init__(self, manifest: str, labels_path: str, labels: List[str], sample_rate: int = 16000,
                  max_sample_size: int = 480000, min_sample_size: int = 0, normalize: bool = True,
                  seed: int = 1, shuffle: bool = True):
-        super().__init__(manifest, sample_rate, max_sample_size, min_sample_size, normalize, True, seed, shuffle)
-        if not os.path.isfile(labels_path):
-            raise AudioDataError(f"{labels_path}: labels not found; write one class name per line of {manifest} "
-                                 "(python -m d2v_plugin.samples commands makes an example)")
-        with open(labels_path, encoding="utf-8") as f:
-            lines = [line.strip() for line in f.read().splitlines()]
-        if len(lines) != self.num_entries:
-            raise AudioDataError(f"{labels_path} has {len(lines)} lines but {manifest} lists {self.num_entries} files; "
-                                 "write one class per manifest line")
-        index = {name: i for i, name in enumerate(labels)}
-        unknown = sorted({lines[i] for i in self.entry_ids if lines[i] not in index})
-        if unknown:
-            raise AudioDataError(f"{labels_path}: classes {unknown[:5]} are not in labels.txt ({', '.join(labels[:10])}); "
-                                 "add them there or fix the labels")
-        self.targets = [index[lines[i]] for i in self.entry_ids]
-        self._keep(self.sizes <= max_sample_size,
-                   f"longer than max_sample_size={max_sample_size} samples (labelled audio is never cropped)",
-                   "raise task.max_sample_size")
+        self.classes = {name: i for i, name in enumerate(labels)}
+        super().__init__(manifest, labels_path, sample_rate, max_sample_size, min_sample_size, normalize, seed, shuffle)
 
-    def _keep(self, keep: np.ndarray, why: str, fix: str) -> None:
-        super()._keep(keep, why, fix)
-        if hasattr(self, "targets"):
-            self.targets = [t for t, k in zip(self.targets, keep) if k]
-
-    def __getitem__(self, index: int) -> Dict:
-        return {**super().__getitem__(index), "label": self.targets[index]}
+    def parse(self, line: str, where: str) -> int:
+        if line.strip() not in self.classes:
+            raise AudioDataError(f"{where}: class {line.strip()!r} is not in labels.txt ({', '.join(list(self.classes)[:10])}); "
+                                 "add it there or fix the label")
+        return self.classes[line.strip()]
 
     def collater(self, samples: List[Dict]) -> Dict:
         batch = super().collater(samples)

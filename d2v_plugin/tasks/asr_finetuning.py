@@ -13,32 +13,24 @@ from fairseq.data import Dictionary
 from fairseq.dataclass import FairseqDataclass
 from fairseq.scoring import BaseScorer, register_scorer
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING
+from omegaconf import MISSING
 
 from ..ctc_decoding import DECODERS, CTCDecoder, DecoderSettings
 from ..data.audio import AudioDataError, LabelledAudioDataset
 from ..fairseq_utils import unwrap
 from ..modules.feature_extractor import conv_output_lengths, receptive_field
-from .base import FinetuneTaskMixin, NoDictionaryTask, RunConfig, RunFeedbackMixin, data_dir
+from .base import FinetuneTaskMixin, NoDictionaryTask, RunFeedbackMixin, data_dir
+from .run_config import LabelledAudioConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class D2vAsrFinetuningConfig(RunConfig):
+class D2vAsrFinetuningConfig(LabelledAudioConfig):
     data: str = field(
         default=MISSING, metadata={"help": "directory with {split}.tsv manifests, {split}.{labels} and dict.{labels}.txt"}
     )
     labels: str = field(default="ltr", metadata={"help": "label file extension: {split}.ltr and dict.ltr.txt"})
-    sample_rate: int = field(default=16000, metadata={"help": "required sample rate (Hz) of every file"})
-    normalize: bool = field(
-        default=True, metadata={"help": "zero-mean unit-variance waveforms; must match the pretrained model's setting"}
-    )
-    max_sample_size: int = field(
-        default=480000, metadata={"help": "longer files are skipped, counted and logged (labelled audio is never cropped)"}
-    )
-    min_sample_size: int = field(default=0, metadata={"help": "shorter files are skipped, counted and logged"})
-    seed: int = field(default=II("common.seed"), metadata={"help": "seed of the batch order (common.seed)"})
     # fairseq-generate: how CTC outputs become text (the beam size is fairseq's --beam)
     decoder: str = field(default="viterbi", metadata={
         "help": f"CTC decoding in fairseq-generate: {' | '.join(DECODERS)} (best path; prefix beam search without LM; "

@@ -12,28 +12,20 @@ from dataclasses import dataclass, field
 from typing import List
 
 from fairseq.tasks import FairseqTask, register_task
-from omegaconf import II, MISSING
+from omegaconf import MISSING
 
 from ..data.audio import AudioDataError, ClassifiedAudioDataset
 from ..fairseq_utils import unwrap
 from ..modules.feature_extractor import receptive_field
-from .base import FinetuneTaskMixin, NoDictionaryTask, RunConfig, RunFeedbackMixin, data_dir
+from .base import FinetuneTaskMixin, NoDictionaryTask, RunFeedbackMixin, data_dir
+from .run_config import LabelledAudioConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class D2vAudioClassificationConfig(RunConfig):
+class D2vAudioClassificationConfig(LabelledAudioConfig):
     data: str = field(default=MISSING, metadata={"help": "directory with {split}.tsv, {split}.label and labels.txt"})
-    sample_rate: int = field(default=16000, metadata={"help": "required sample rate (Hz) of every file"})
-    normalize: bool = field(
-        default=True, metadata={"help": "zero-mean unit-variance waveforms; must match the pretrained model's setting"}
-    )
-    max_sample_size: int = field(
-        default=480000, metadata={"help": "longer files are skipped, counted and logged (labelled audio is never cropped)"}
-    )
-    min_sample_size: int = field(default=0, metadata={"help": "shorter files are skipped, counted and logged"})
-    seed: int = field(default=II("common.seed"), metadata={"help": "seed of the batch order (common.seed)"})
 
 
 @register_task("d2v_audio_classification", dataclass=D2vAudioClassificationConfig)
