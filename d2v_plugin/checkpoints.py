@@ -26,11 +26,13 @@ logger = logging.getLogger(__name__)
 
 
 def _safe_globals() -> list:
-    import omegaconf
-    from omegaconf import base, dictconfig, listconfig, nodes
-
-    found = [argparse.Namespace, collections.defaultdict, dict, list, typing.Any,
-             dictconfig.DictConfig, listconfig.ListConfig, base.ContainerMetadata, base.Metadata]
+    found = [argparse.Namespace, collections.defaultdict, dict, list, typing.Any]
+    try:
+        import omegaconf
+        from omegaconf import base, dictconfig, listconfig, nodes
+    except ImportError:  # without omegaconf only export folders load (fairseq checkpoints pickle its configs)
+        return found
+    found += [dictconfig.DictConfig, listconfig.ListConfig, base.ContainerMetadata, base.Metadata]
     found += [getattr(nodes, n) for n in dir(nodes) if n.endswith("Node") and isinstance(getattr(nodes, n), type)]
     found.append(omegaconf.base.Node) if hasattr(omegaconf.base, "Node") else None
     try:

@@ -217,6 +217,16 @@ print("ok", [m for m in sys.modules if m.startswith("fairseq") and sys.modules[m
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0 and res.stdout.strip() == "ok []", res.stderr[-2000:]
+    bare = f"""
+import sys
+sys.modules["fairseq"] = sys.modules["omegaconf"] = None  # an export needs neither
+import numpy as np, d2v_plugin
+st = d2v_plugin.load({str(audio)!r}).extract({ckpts['wavs'][:1]!r})[0]
+assert np.abs(st - np.load({str(tmp_path / 'want_audio.npy')!r})).max() <= 1e-6
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", bare], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
 
 
 @pytest.mark.slow
