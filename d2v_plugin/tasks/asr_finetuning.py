@@ -18,8 +18,8 @@ from omegaconf import MISSING
 from ..ctc_decoding import DECODERS, CTCDecoder, DecoderSettings
 from ..data.audio import AudioDataError, LabelledAudioDataset
 from ..fairseq_utils import unwrap
-from ..modules.feature_extractor import conv_output_lengths, receptive_field
-from .base import FinetuneTaskMixin, NoDictionaryTask, RunFeedbackMixin, data_dir
+from ..modules.feature_extractor import conv_output_lengths
+from .base import FinetuneTaskMixin, LabelledAudioTaskMixin, NoDictionaryTask, RunFeedbackMixin, data_dir
 from .run_config import LabelledAudioConfig
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class CTCGenerator:
 
 
 @register_task("d2v_asr_finetuning", dataclass=D2vAsrFinetuningConfig)
-class D2vAsrFinetuningTask(RunFeedbackMixin, FinetuneTaskMixin, NoDictionaryTask, FairseqTask):
+class D2vAsrFinetuningTask(RunFeedbackMixin, LabelledAudioTaskMixin, FinetuneTaskMixin, NoDictionaryTask, FairseqTask):
     cfg: D2vAsrFinetuningConfig
 
     def __init__(self, cfg: D2vAsrFinetuningConfig, dictionary: Dictionary):
@@ -98,31 +98,13 @@ class D2vAsrFinetuningTask(RunFeedbackMixin, FinetuneTaskMixin, NoDictionaryTask
         self.check_lengths(split)
         return self.datasets[split]
 
-    def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
-        normalize = getattr(model, "pretrained_normalize", self.cfg.normalize)
-        if normalize != self.cfg.normalize:
-            raise ValueError(
-                f"task.normalize={self.cfg.normalize} but the pretrained model was trained with normalize={normalize}; "
-                f"set task.normalize={str(normalize).lower()}"
-            )
-        self.encoder = unwrap(model).encoder.modality_encoders["audio"]
-        for split in self.datasets:
-            self.check_lengths(split)
-        return model
-
     def check_lengths(self, split: str) -> None:
-        """Skip (counted, logged) files shorter than the extractor's receptive field, and
-        count utterances with fewer frames than target units: CTC cannot align those
+        """Also count utterances with fewer frames than target units: CTC cannot align those
         (``zero_infinity`` zeroes their loss)."""
-        enc = getattr(self, "encoder", None)
-        ds = self.datasets.get(split)
-        if enc is None or ds is None:
+        ds = super().check_lengths(split)
+        if ds is None:
             return
-        field_ = receptive_field(enc.spec)
-        ds._keep(ds.sizes >= field_, f"shorter than the feature extractor's receptive field ({field_} samples)",
-                 "use longer recordings")
-        frames = conv_output_lengths(torch.from_numpy(ds.sizes), enc.spec)
+        frames = conv_output_lengths(torch.from_numpy(ds.sizes), self.encoder.spec)
         short = sum(int(f) < len(lab) for f, lab in zip(frames, ds.labels))
         if short:
             logger.warning("%s: %d of %d utterances have fewer frames than label units; CTC ignores them",

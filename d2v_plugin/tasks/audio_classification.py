@@ -15,9 +15,7 @@ from fairseq.tasks import FairseqTask, register_task
 from omegaconf import MISSING
 
 from ..data.audio import AudioDataError, ClassifiedAudioDataset
-from ..fairseq_utils import unwrap
-from ..modules.feature_extractor import receptive_field
-from .base import FinetuneTaskMixin, NoDictionaryTask, RunFeedbackMixin, data_dir
+from .base import FinetuneTaskMixin, LabelledAudioTaskMixin, NoDictionaryTask, RunFeedbackMixin, data_dir
 from .run_config import LabelledAudioConfig
 
 logger = logging.getLogger(__name__)
@@ -29,7 +27,7 @@ class D2vAudioClassificationConfig(LabelledAudioConfig):
 
 
 @register_task("d2v_audio_classification", dataclass=D2vAudioClassificationConfig)
-class D2vAudioClassificationTask(RunFeedbackMixin, FinetuneTaskMixin, NoDictionaryTask, FairseqTask):
+class D2vAudioClassificationTask(RunFeedbackMixin, LabelledAudioTaskMixin, FinetuneTaskMixin, NoDictionaryTask, FairseqTask):
     cfg: D2vAudioClassificationConfig
     regression = False
 
@@ -57,22 +55,3 @@ class D2vAudioClassificationTask(RunFeedbackMixin, FinetuneTaskMixin, NoDictiona
             c.max_sample_size, c.min_sample_size, c.normalize, c.seed, shuffle=split == "train")
         self.check_lengths(split)
         return self.datasets[split]
-
-    def build_model(self, cfg, from_checkpoint=False):
-        model = super().build_model(cfg, from_checkpoint)
-        normalize = getattr(unwrap(model), "pretrained_normalize", self.cfg.normalize)
-        if normalize != self.cfg.normalize:
-            raise ValueError(f"task.normalize={self.cfg.normalize} but the pretrained model was trained with "
-                             f"normalize={normalize}; set task.normalize={str(normalize).lower()}")
-        self.encoder = unwrap(model).encoder.modality_encoders["audio"]
-        for split in self.datasets:
-            self.check_lengths(split)
-        return model
-
-    def check_lengths(self, split: str) -> None:
-        """Skip (counted, logged) files shorter than the extractor's receptive field."""
-        enc, ds = getattr(self, "encoder", None), self.datasets.get(split)
-        if enc is not None and ds is not None:
-            field_ = receptive_field(enc.spec)
-            ds._keep(ds.sizes >= field_, f"shorter than the feature extractor's receptive field ({field_} samples)",
-                     "use longer recordings")

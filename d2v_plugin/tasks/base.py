@@ -210,6 +210,38 @@ class FinetuneTaskMixin:
         return model
 
 
+class LabelledAudioTaskMixin:
+    """What the labelled speech tasks (CTC, audio classification) check once the model is
+    built: the task normalises waveforms as the pretraining did, and files shorter than the
+    feature extractor's receptive field are skipped (counted, logged)."""
+
+    def build_model(self, cfg, from_checkpoint=False):
+        model = super().build_model(cfg, from_checkpoint)
+        normalize = getattr(unwrap(model), "pretrained_normalize", self.cfg.normalize)
+        if normalize != self.cfg.normalize:
+            raise ValueError(
+                f"task.normalize={self.cfg.normalize} but the pretrained model was trained with normalize={normalize}; "
+                f"set task.normalize={str(normalize).lower()}"
+            )
+        self.encoder = unwrap(model).encoder.modality_encoders["audio"]
+        for split in self.datasets:
+            self.check_lengths(split)
+        return model
+
+    def check_lengths(self, split: str):
+        """Skip the files of ``split`` that yield no frame -> its dataset, or None before the
+        model (or the split) exists."""
+        from ..modules.feature_extractor import receptive_field
+
+        enc, ds = getattr(self, "encoder", None), self.datasets.get(split)
+        if enc is None or ds is None:
+            return None
+        field_ = receptive_field(enc.spec)
+        ds._keep(ds.sizes >= field_, f"shorter than the feature extractor's receptive field ({field_} samples)",
+                 "use longer recordings")
+        return ds
+
+
 class NoDictionaryTask:
     """Tasks whose inputs are not token ids: no dictionaries, no length limit."""
 
