@@ -144,20 +144,22 @@ class PretrainedCheckpointError(ValueError):
     """A pretrained checkpoint that cannot be fine-tuned or extracted from as asked."""
 
 
-def read_pretrained(path: str, modality: Optional[str]) -> Dict[str, Any]:
+def read_pretrained(path: str, modality: Optional[str], ckpt: Optional[dict] = None) -> Dict[str, Any]:
     """-> {"model": config dict, "task": task settings, "state": weights, "task_state": the
     task's saved state} of a d2v_plugin pretraining checkpoint (or an official data2vec /
-    RoBERTa one, converted) with a ``modality`` encoder (any, if None). Needs no fairseq."""
+    RoBERTa one, converted) with a ``modality`` encoder (any, if None). Needs no fairseq.
+    ``ckpt``: the file's contents when the caller has loaded it already."""
     from omegaconf import OmegaConf
 
     from .modules.data2vec import parse_modalities
     from .official import OFFICIAL_MODELS, convert_checkpoint, model_name
 
-    try:
-        ckpt = load_checkpoint(path, "a d2v_plugin pretraining checkpoint (checkpoint_last.pt of a d2v_multi run) "
-                                     "or an official data2vec one")
-    except CheckpointError as e:
-        raise PretrainedCheckpointError(str(e)) from None
+    if ckpt is None:
+        try:
+            ckpt = load_checkpoint(path, "a d2v_plugin pretraining checkpoint (checkpoint_last.pt of a d2v_multi run) "
+                                         "or an official data2vec one")
+        except CheckpointError as e:
+            raise PretrainedCheckpointError(str(e)) from None
     cfg = ckpt.get("cfg")
     if model_name(cfg) in OFFICIAL_MODELS:
         logger.info("%s: an official %s checkpoint, converted on load", path, model_name(cfg))

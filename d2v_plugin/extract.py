@@ -112,19 +112,14 @@ class Extractor:
                  layer="last") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """A batch -> (B, T, D) or, for ``all``, (B, L, T, D) features and the (B, T) padding."""
         m, E = self.model, self.encoder.num_extra
-        outputs: List[torch.Tensor] = []
-        hooks = [blk.register_forward_hook(lambda mod, i, o: outputs.append(o[0])) for blk in m.blocks]
-        try:
-            stop = None if layer in ("last", "avg_top_k", "all") else self.block_index(layer)
-            out = m.extract_features(self._cast(source), padding_mask, modality=self.modality, layer=stop)
-        finally:
-            for h in hooks:
-                h.remove()
+        if layer == "all":  # every block's output: the hidden states without the blocks' input
+            states, pad = self.hidden(source, padding_mask)
+            return states[:, 1:, E:], pad
+        stop = None if layer in ("last", "avg_top_k") else self.block_index(layer)
+        out = m.extract_features(self._cast(source), padding_mask, modality=self.modality, layer=stop)
         pad = out["padding_mask"]
         if layer == "avg_top_k":
             return m.make_targets([y[:, E:] for y in out["layer_results"][-m.settings.average_top_k_layers:]], pad), pad
-        if layer == "all":
-            return torch.stack([y[:, E:] for y in outputs], dim=1), pad
         return out["x"], pad
 
     @torch.no_grad()
@@ -193,7 +188,6 @@ class Extractor:
             bar.update(len(sources))
         bar.close()
         return results
-
 
     def _hidden_states(self, items: Sequence, source: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> List["HiddenStates"]:
         states, pad = self.hidden(source, padding_mask)

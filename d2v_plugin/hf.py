@@ -33,8 +33,6 @@ import torch
 
 from .export import ExportError, _text_files
 
-HF_MODEL_TYPES = {"audio": "data2vec-audio", "text": "data2vec-text"}
-
 
 def hf_blocker(model_cfg: Dict) -> Optional[str]:
     """Why no transformers class computes this model exactly, or None."""
@@ -198,7 +196,21 @@ def _save(out: str, cfg, tensors: Dict[str, torch.Tensor], arch: str, tok=None, 
               os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
 
 
-def hf_model(c: Dict, state: Dict[str, torch.Tensor], task: Optional[Dict] = None, extra_ids: int = 0,
+def _save_feature_extractor(out: str, task: Dict) -> None:
+    """Wav2Vec2FeatureExtractor with the pretraining task's sample rate and normalisation."""
+    from transformers import Wav2Vec2FeatureExtractor
+
+    from .checkpoints import audio_normalize
+
+    Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=int(task.get("sample_rate", 16000)), padding_value=0.0,
+                             do_normalize=audio_normalize(task), return_attention_mask=True).save_pretrained(out)
+
+
+def _set_labels(cfg, labels: List[str]) -> None:
+    cfg.id2label, cfg.label2id = dict(enumerate(labels)), {lab: i for i, lab in enumerate(labels)}
+
+
+def hf_model(c: Dict, state: Dict[str, torch.Tensor], extra_ids: int = 0,
              specials: Tuple[int, int, int, int] = (0, 1, 2, 3)):
     """A plugin model config + encoder state -> (transformers config, its state dict, class name).
     ``extra_ids``: tokenizer ids after the dictionary (text); ``specials``: bos, pad, eos, unk ids."""
@@ -237,18 +249,20 @@ def hf_model(c: Dict, state: Dict[str, torch.Tensor], task: Optional[Dict] = Non
 
 def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
     """CKPT -> a transformers folder; returns the class name written."""
-    from transformers import Wav2Vec2FeatureExtractor
-
-    from .checkpoints import PretrainedCheckpointError, audio_normalize, read_pretrained
+    from .checkpoints import CheckpointError, PretrainedCheckpointError, load_checkpoint, read_pretrained
     from .extract import ExtractError, build_model
 
-    finetuned = read_finetuned(ckpt_path)
+    try:
+        ckpt = load_checkpoint(ckpt_path, "a d2v_plugin checkpoint")
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    finetuned = finetuned_parts(ckpt)
     if finetuned is not None:
         if weights != "student":
             raise ExportError(f"{ckpt_path}: a fine-tuned checkpoint has no EMA teacher; export it without --weights")
         return write_hf_finetuned(ckpt_path, finetuned, out)
     try:
-        pre = read_pretrained(ckpt_path, None)
+        pre = read_pretrained(ckpt_path, None, ckpt)
     except PretrainedCheckpointError as e:
         raise ExportError(str(e)) from None
     c = pre["model"]
@@ -260,15 +274,15 @@ def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
     except ExtractError as e:
         raise ExportError(str(e)) from None
     os.makedirs(out, exist_ok=True)
+    tok = None
     if "text" not in str(c.get("modalities", "audio")):
         cfg, tensors, arch = hf_model(c, state)
-        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=int(pre["task"].get("sample_rate", 16000)), padding_value=0.0,
-                                 do_normalize=audio_normalize(pre["task"]), return_attention_mask=True).save_pretrained(out)
+        _save_feature_extractor(out, pre["task"])
     else:
         files = _text_files(pre, ckpt_path)
         vocab, tok, extra = _tokenizer(files, state["modality_encoders.text.embed_tokens.weight"].shape[0], ckpt_path)
         cfg, tensors, arch = hf_model(c, state, extra_ids=extra, specials=(vocab.bos(), vocab.pad(), vocab.eos(), vocab.unk()))
-    _save(out, cfg, tensors, arch, tok if "text" in str(c.get("modalities")) else None, int(c.get("text_max_positions", 0)))
+    _save(out, cfg, tensors, arch, tok, int(c.get("text_max_positions", 0)))
     if arch == "Data2VecAudioModel" and c.get("padding_aware", True):
         return (f"{arch} (the model has padding_aware=true: transformers gives its features per utterance; in padded "
                 "batches it zeroes padded frames only before the positional conv, not between its layers, so rows "
@@ -280,18 +294,13 @@ FINETUNED = {"d2v_ctc": "Data2VecAudioForCTC", "d2v_audio_classifier": "Data2Vec
              "d2v_text_classifier": "Data2VecTextForSequenceClassification", "d2v_image_classifier": None}
 
 
-def read_finetuned(path: str) -> Optional[Dict]:
-    """A fine-tuned checkpoint (d2v_ctc, d2v_audio_classifier, d2v_text_classifier, d2v_image_classifier) -> its parts:
-    name, pretrained model config, fine-tuning model and task config, encoder and head state; None
-    for any other checkpoint (read_pretrained says what it is)."""
+def finetuned_parts(ckpt: Dict) -> Optional[Dict]:
+    """A loaded fine-tuned checkpoint (d2v_ctc, d2v_audio_classifier, d2v_text_classifier,
+    d2v_image_classifier) -> its parts: name, pretrained model config, fine-tuning model and
+    task config, encoder and head state; None for any other checkpoint (read_pretrained says
+    what it is)."""
     from omegaconf import OmegaConf
 
-    from .checkpoints import CheckpointError, load_checkpoint
-
-    try:
-        ckpt = load_checkpoint(path, "a d2v_plugin checkpoint")
-    except CheckpointError as e:
-        raise ExportError(str(e)) from None
     cfg = ckpt.get("cfg")
     cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
     name = cfg.model.get("_name") if cfg is not None and cfg.get("model") is not None else None
@@ -306,6 +315,12 @@ def read_finetuned(path: str) -> Optional[Dict]:
             "head": {k: v for k, v in state.items() if not k.startswith("encoder.")}}
 
 
+def _labels(ft: Dict, path: str) -> List[str]:
+    """The classes of a fine-tuned classifier: labels.txt of its fine-tuning data."""
+    with open(_data_file(ft, "labels.txt", path), encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
 def _data_file(ft: Dict, name: str, path: str) -> str:
     f = os.path.join(ft["task"].get("data") or "", name)
     if not os.path.isfile(f):
@@ -316,9 +331,8 @@ def _data_file(ft: Dict, name: str, path: str) -> str:
 
 def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
     """A fine-tuned checkpoint -> transformers' ``...ForCTC`` / ``...ForSequenceClassification``."""
-    from transformers import Wav2Vec2CTCTokenizer, Wav2Vec2FeatureExtractor
+    from transformers import Wav2Vec2CTCTokenizer
 
-    from .checkpoints import audio_normalize
     from .extract import build_model
     from .vocab import Vocabulary
 
@@ -345,27 +359,23 @@ def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
         Wav2Vec2CTCTokenizer(os.path.join(out, "vocab.json"), bos_token="<bos_unused>", eos_token="<eos_unused>",
                              unk_token="<unk>", pad_token="<s>", word_delimiter_token="|").save_pretrained(out)
     if ft["name"] == "d2v_audio_classifier":
-        with open(_data_file(ft, "labels.txt", path), encoding="utf-8") as f:
-            labels = [line.strip() for line in f if line.strip()]
+        labels = _labels(ft, path)
         if len(labels) != head["classifier.weight"].shape[0]:
             raise ExportError(f"{path}: labels.txt has {len(labels)} classes, the head {head['classifier.weight'].shape[0]}")
         cfg, tensors, _ = hf_model(c, state)
         cfg.num_labels, cfg.classifier_proj_size = len(labels), head["projector.weight"].shape[0]
-        cfg.id2label, cfg.label2id = dict(enumerate(labels)), {lab: i for i, lab in enumerate(labels)}
+        _set_labels(cfg, labels)
         cfg.use_weighted_layer_sum = "layer_weights" in head
         tensors = {"data2vec_audio." + k: v for k, v in tensors.items()}
         tensors.update({k: v for k, v in head.items() if k.split(".")[0] in ("projector", "classifier", "layer_weights")})
     if ft["name"] in ("d2v_ctc", "d2v_audio_classifier"):
         os.makedirs(out, exist_ok=True)
-        task = ft["pretrained_task"]
-        Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=int(task.get("sample_rate", 16000)), padding_value=0.0,
-                                 do_normalize=audio_normalize(task), return_attention_mask=True).save_pretrained(out)
+        _save_feature_extractor(out, ft["pretrained_task"])
     if ft["name"] == "d2v_text_classifier":
         if ft["model"].get("pooling", "first") != "first":
             raise ExportError(f"{path}: pooling={ft['model']['pooling']!r}; Data2VecTextForSequenceClassification reads "
                               "the <s> token (pooling=first)")
-        with open(_data_file(ft, "labels.txt", path), encoding="utf-8") as f:
-            labels = [line.strip() for line in f if line.strip()]
+        labels = _labels(ft, path)
         outputs = head["head.3.weight"].shape[0]
         if outputs != max(1, len(labels)):
             raise ExportError(f"{path}: labels.txt has {len(labels)} labels, the head {outputs} outputs")
@@ -381,7 +391,7 @@ def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
         cfg, tensors, _ = hf_model(c, state, extra_ids=extra, specials=(vocab.bos(), vocab.pad(), vocab.eos(), vocab.unk()))
         cfg.num_labels = outputs
         if labels:
-            cfg.id2label, cfg.label2id = dict(enumerate(labels)), {lab: i for i, lab in enumerate(labels)}
+            _set_labels(cfg, labels)
         else:
             cfg.problem_type = "regression"
         cfg.classifier_dropout = float(ft["model"].get("pooler_dropout", 0.0))

@@ -69,6 +69,11 @@ def wordnet_sentences(min_words: int = 4, max_words: int = 14) -> List[str]:
     return sorted(found)
 
 
+def require_espeak() -> None:
+    if shutil.which("espeak-ng") is None:
+        raise SystemExit("error: espeak-ng not found; install the Debian package espeak-ng (apt-get install espeak-ng)")
+
+
 def synthesize(text: str, voice: str, speed: int, pitch: int, out_path: str) -> int:
     """espeak-ng -> 16 kHz mono wav at out_path; returns the number of samples."""
     with tempfile.NamedTemporaryFile(suffix=".wav") as tmp:
@@ -84,8 +89,7 @@ def synthesize(text: str, voice: str, speed: int, pitch: int, out_path: str) -> 
 
 
 def build_speech(out: str, n: int, seed: int = 0, workers: int = 2) -> List[Tuple[str, str, str, int]]:
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("error: espeak-ng not found; install the Debian package espeak-ng (apt-get install espeak-ng)")
+    require_espeak()
     sentences = wordnet_sentences()
     rng = random.Random(seed)
     order = rng.sample(range(len(sentences)), min(n, len(sentences)))
@@ -116,8 +120,7 @@ def build_commands(out: str, reps: int = 4, valid_voices: Tuple[str, ...] = ("en
     every voice ``reps`` times at random rates and pitches. ``valid_voices`` and ``test_voices``
     are held out (validation, test). Writes OUT/wav/, and OUT/{train,valid,test}.tsv (wav2vec
     manifests), .label (one word per line, in manifest order) and labels.txt."""
-    if shutil.which("espeak-ng") is None:
-        raise SystemExit("error: espeak-ng not found; install the Debian package espeak-ng (apt-get install espeak-ng)")
+    require_espeak()
     unknown = [v for v in (*valid_voices, *test_voices) if v not in VOICES]
     if unknown or set(valid_voices) & set(test_voices):
         raise SystemExit(f"error: valid voices {list(valid_voices)} and test voices {list(test_voices)} must be distinct "

@@ -18,7 +18,7 @@ from d2v_plugin.models.settings import model_settings
 from d2v_plugin.modules.data2vec import EMA_KEY, Data2Vec
 from d2v_plugin.vocab import Vocabulary
 
-from .conftest import REPO
+from .conftest import REPO, fairseq_checkpoint
 
 pytest.importorskip("transformers")
 TOL = 1e-4
@@ -43,9 +43,7 @@ def make_checkpoint(path, task, perturb_teacher=False, **fields):
         state[EMA_KEY] = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in state[EMA_KEY].items()}
     model_cfg = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(cfg).items()}
     model_cfg["_name"] = "d2v_multi"
-    torch.save({"cfg": {"model": model_cfg, "task": task}, "model": state, "args": None, "extra_state": {},
-                "optimizer_history": [{"criterion_name": "d2v", "optimizer_name": "adam", "lr_scheduler_state": {},
-                                       "num_updates": 0}]}, path)
+    fairseq_checkpoint(path, {"model": model_cfg, "task": task}, state)
     return path
 
 
@@ -302,9 +300,7 @@ def finetuned_checkpoint(pre_path, out, name, task, outputs, **fields):
                 p.normal_(0, 0.1)
     model_cfg = {k: getattr(v, "value", v) for k, v in dataclasses.asdict(cfg).items()}
     model_cfg["_name"] = name
-    torch.save({"cfg": {"model": model_cfg, "task": task}, "model": model.state_dict(), "args": None, "extra_state": {},
-                "optimizer_history": [{"criterion_name": "x", "optimizer_name": "adam", "lr_scheduler_state": {},
-                                       "num_updates": 0}]}, out)
+    fairseq_checkpoint(out, {"model": model_cfg, "task": task}, model.state_dict())
     return model.eval()
 
 
