@@ -186,3 +186,64 @@ def audio_normalize(task: Dict[str, Any]) -> bool:
     """Whether the pretraining fed normalised waveforms (speech task: ``normalize``; joint
     multimodal task: ``audio_normalize``)."""
     return bool(task.get("normalize", task.get("audio_normalize", True)))
+
+
+FINETUNED = ("d2v_ctc", "d2v_audio_classifier", "d2v_text_classifier", "d2v_image_classifier")
+
+
+def finetuned_parts(ckpt: Dict) -> Optional[Dict[str, Any]]:
+    """A loaded fine-tuned checkpoint (``FINETUNED``) -> its parts: name, pretrained model config
+    and task settings, fine-tuning model and task config, encoder and head state; None for
+    any other checkpoint (``read_pretrained`` says what it is). Needs no fairseq."""
+    from omegaconf import OmegaConf
+
+    cfg = ckpt.get("cfg")
+    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
+    name = cfg.model.get("_name") if cfg is not None and cfg.get("model") is not None else None
+    if name not in FINETUNED:
+        return None
+    model = OmegaConf.to_container(cfg.model, resolve=True)
+    args = model.get("pretrained_args") or {}
+    pretrained = dict(args.get("model") or {})
+    if name == "d2v_image_classifier" and model.get("input_size"):
+        pretrained["image_input_size"] = model["input_size"]  # fine-tuned at another size: the resized position table
+    state = ckpt["model"]
+    return {"name": name, "pretrained": pretrained, "pretrained_task": args.get("task") or {},
+            "model": model, "task": OmegaConf.to_container(cfg.task, resolve=True) if cfg.get("task") is not None else {},
+            "encoder": {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")},
+            "head": {k: v for k, v in state.items() if not k.startswith("encoder.")}}
+
+
+def finetuned_file(ft: Dict, name: str, path: str) -> str:
+    """A file of the fine-tuning data folder (labels.txt, dict.ltr.txt) that names the model's outputs."""
+    f = os.path.join(ft["task"].get("data") or "", name)
+    if not os.path.isfile(f):
+        raise CheckpointError(f"{path}: the fine-tuning data folder task.data={ft['task'].get('data')!r} has no {name}, "
+                              "which names the model's outputs; restore the folder (or copy it) and try again")
+    return f
+
+
+def finetuned_outputs(ft: Dict, path: str) -> list:
+    """The names of a fine-tuned model's outputs: the CTC label dictionary's symbols in index
+    order (blank ``<s>`` first) or the classes of labels.txt ([] for text regression)."""
+    if ft["name"] == "d2v_ctc":
+        from .vocab import Vocabulary
+
+        return list(Vocabulary.load(finetuned_file(ft, f"dict.{ft['task'].get('labels', 'ltr')}.txt", path)).symbols)
+    with open(finetuned_file(ft, "labels.txt", path), encoding="utf-8") as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def finetuned_text_files(ft: Dict, path: str) -> Dict[str, bytes]:
+    """dict.txt and spm.model of a fine-tuned text model: the fine-tuning data folder's
+    (prep.text_classification copies them), else the pretraining data folder's."""
+    files = {}
+    dirs = [d for d in (ft["task"].get("data"), ft["pretrained_task"].get("data")) if d]
+    for name in ("dict.txt", "spm.model"):
+        found = next((os.path.join(d, name) for d in dirs if os.path.isfile(os.path.join(d, name))), None)
+        if found is None:
+            raise CheckpointError(f"{path}: no {name} in the fine-tuning or pretraining data folder "
+                                  f"({', '.join(dirs) or 'none recorded'}); restore one and try again")
+        with open(found, "rb") as f:
+            files[name] = f.read()
+    return files

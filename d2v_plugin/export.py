@@ -8,7 +8,10 @@ need, which weights) + ``DIR/model.safetensors`` (the encoder without the teache
 and regression head) + for text ``dict.txt`` and ``spm.model``. ``d2v_plugin.load(DIR)`` reads
 it without fairseq. ``--to hf``: a folder that ``transformers.AutoModel.from_pretrained``
 loads, for the architectures a transformers class computes exactly (``d2v_plugin/hf.py``).
-CKPT: a d2v_plugin pretraining checkpoint or an official data2vec / fairseq RoBERTa one.
+CKPT: a d2v_plugin pretraining checkpoint, an official data2vec / fairseq RoBERTa one, or a
+fine-tuned one (``d2v_ctc``, ``d2v_audio_classifier``, ``d2v_text_classifier``,
+``d2v_image_classifier``): its encoder, head and output names (letters, classes), which
+``d2v_plugin.load(DIR)`` reads as a ``Predictor``.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ from typing import Dict, Optional, Sequence
 import torch
 
 FORMAT = "d2v_plugin"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: encoders; 2: also fine-tuned models (config.json "head"), written only for those
 
 
 class ExportError(ValueError):
@@ -50,29 +53,63 @@ def _json_safe(d: Dict) -> Dict:
 
 def write_safetensors(ckpt_path: str, out: str, weights: str = "student", vocabulary: bool = True) -> Dict:
     """CKPT -> DIR with config.json, model.safetensors (and the text vocabulary); returns the config.
-    ``vocabulary=False``: a text model without dict.txt / spm.model (it then reads token ids only)."""
-    from safetensors.torch import save_file
-
-    from .checkpoints import PretrainedCheckpointError, read_pretrained
+    ``vocabulary=False``: a text model without dict.txt / spm.model (it then reads token ids only).
+    A fine-tuned checkpoint: the encoder and its head, and the names of the head's outputs."""
+    from .checkpoints import CheckpointError, PretrainedCheckpointError, finetuned_parts, load_checkpoint, read_pretrained
     from .extract import ExtractError, build_model
     from .modules.data2vec import parse_modalities
 
     try:
-        pre = read_pretrained(ckpt_path, None)
+        ckpt = load_checkpoint(ckpt_path, "a d2v_plugin checkpoint (pretraining or fine-tuned) or an official data2vec one")
+        ft = finetuned_parts(ckpt)
+        if ft is not None:
+            return _write_finetuned(ckpt_path, ft, out, weights, vocabulary)
+        pre = read_pretrained(ckpt_path, None, ckpt)
         model = build_model(pre["model"], pre["state"], weights, ckpt_path)
-    except (PretrainedCheckpointError, ExtractError) as e:
+    except (CheckpointError, PretrainedCheckpointError, ExtractError) as e:
         raise ExportError(str(e)) from None
-    state = {k: v.detach().float().contiguous().clone() for k, v in model.state_dict().items()}
-    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
-    if bad:
-        raise ExportError(f"{ckpt_path}: {len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}): "
-                          "a diverged run; export an earlier checkpoint")
     modalities = parse_modalities(pre["model"].get("modalities", "audio"))
     files = _text_files(pre, ckpt_path) if "text" in modalities and vocabulary else {}
+    config = {"format": FORMAT, "format_version": 1, "weights": weights, "modalities": modalities,
+              "text_vocabulary": bool(files), "source": os.path.abspath(ckpt_path),
+              "model": _json_safe(pre["model"]), "task": _json_safe(pre["task"])}
+    return _write(out, config, model.state_dict(), files, ckpt_path)
+
+
+def _write_finetuned(path: str, ft: Dict, out: str, weights: str, vocabulary: bool) -> Dict:
+    """A fine-tuned checkpoint's parts -> DIR: the encoder (``encoder.*``) and head weights, and in
+    config.json ``head``: its kind, settings, output names and the fine-tuning config."""
+    from .checkpoints import CheckpointError, finetuned_text_files
+    from .extract import ExtractError
+    from .predict import load_finetuned
+
+    if weights != "student":
+        raise ExportError(f"{path}: a fine-tuned checkpoint has no EMA teacher; export it without --weights")
+    try:
+        p = load_finetuned(path, ft)  # builds the model and checks that the output names fit its head
+        files = finetuned_text_files(ft, path) if p.modality == "text" and vocabulary else {}
+    except (CheckpointError, ExtractError) as e:
+        raise ExportError(str(e)) from None
+    from .modules.heads import HEADS
+
+    fine_tuning = {k: v for k, v in ft["model"].items() if k != "pretrained_args"}
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": "student", "modalities": [p.modality],
+              "text_vocabulary": bool(files), "source": os.path.abspath(path),
+              "model": _json_safe(ft["pretrained"]), "task": _json_safe(ft["pretrained_task"]),
+              "head": {"kind": ft["name"], "config": HEADS[ft["name"]].config_from(ft["head"], ft["model"]),
+                       "outputs": p.outputs, "model": _json_safe(fine_tuning), "task": _json_safe(ft["task"])}}
+    return _write(out, config, p.net.state_dict(), files, path)
+
+
+def _write(out: str, config: Dict, state: Dict[str, torch.Tensor], files: Dict[str, bytes], path: str) -> Dict:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().float().contiguous().clone() for k, v in state.items()}
+    bad = [k for k, v in state.items() if not torch.isfinite(v).all()]
+    if bad:
+        raise ExportError(f"{path}: {len(bad)} tensors hold NaN or infinite values ({', '.join(bad[:3])}): "
+                          "a diverged run; export an earlier checkpoint")
     os.makedirs(out, exist_ok=True)
-    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "weights": weights, "modalities": modalities,
-              "text_vocabulary": bool(files),
-              "source": os.path.abspath(ckpt_path), "model": _json_safe(pre["model"]), "task": _json_safe(pre["task"])}
     for name, data in files.items():
         with open(os.path.join(out, name), "wb") as f:
             f.write(data)
@@ -116,12 +153,13 @@ def read_export(folder: str, weights: Optional[str] = None) -> Dict:
         raise ExportError(f"{st} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                           "export the checkpoint again") from None
     task = dict(config["task"], data=folder)  # the text vocabulary lies beside the weights
-    return {"model": config["model"], "task": task, "state": state, "task_state": {}, "weights": config["weights"]}
+    return {"model": config["model"], "task": task, "state": state, "task_state": {}, "weights": config["weights"],
+            "head": config.get("head")}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("checkpoint", help="d2v_plugin pretraining checkpoint or an official data2vec / RoBERTa one")
+    ap.add_argument("checkpoint", help="d2v_plugin pretraining or fine-tuned checkpoint, or an official data2vec / RoBERTa one")
     ap.add_argument("--to", required=True, choices=["safetensors", "hf"], help="d2v_plugin's own folder or transformers'")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--weights", default="student", choices=["student", "teacher"],
@@ -134,8 +172,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         if a.to == "safetensors":
             cfg = write_safetensors(a.checkpoint, a.out, a.weights, not a.no_vocabulary)
             vocab = ", no text vocabulary (token ids only)" if "text" in cfg["modalities"] and not cfg["text_vocabulary"] else ""
-            print(f"wrote {a.out}: {','.join(cfg['modalities'])} encoder ({cfg['weights']} weights{vocab}), "
-                  f"d2v_plugin.load({a.out!r}) reads it")
+            what = (f"fine-tuned {cfg['head']['kind']} ({len(cfg['head']['outputs'])} outputs)" if "head" in cfg else
+                    f"{','.join(cfg['modalities'])} encoder ({cfg['weights']} weights{vocab})")
+            print(f"wrote {a.out}: {what}, d2v_plugin.load({a.out!r}) reads it")
         else:
             from .hf import write_hf
 

@@ -256,12 +256,13 @@ WEIGHTS = ("student", "teacher")
 
 
 def build_model(model_cfg: dict, state: dict, weights: str = "student", path: str = "",
-                stripped: bool = False) -> "torch.nn.Module":
+                stripped: bool = False, modality: Optional[str] = None) -> "torch.nn.Module":
     """A ``d2v_multi`` config dict and state dict -> the ``Data2Vec`` encoder in eval mode, the
     pretraining-only parts (teacher, decoders, regression head) removed. ``weights="teacher"``:
     the EMA teacher's tensors (named like the student's) replace the student's where the
     teacher has its own (blocks, context stage, and what else it does not share). ``stripped``:
-    ``state`` is already without those parts (an export)."""
+    ``state`` is already without those parts (an export, or a fine-tuned encoder: then ``modality``
+    names the one encoder it kept)."""
     from .models.config import D2vMultiConfig
     from .models.settings import model_settings
     from .modules.data2vec import EMA_KEY, MASTERS_KEY, Data2Vec
@@ -280,7 +281,7 @@ def build_model(model_cfg: dict, state: dict, weights: str = "student", path: st
         state.pop(MASTERS_KEY, None)  # the student's fp32 masters would overwrite the teacher's tensors
         state.update(ema)
     if stripped:
-        model.remove_pretraining_modules()
+        model.remove_pretraining_modules(modality)
     model.load_state_dict(state)
     model.remove_pretraining_modules()
     return model.eval()
@@ -290,8 +291,9 @@ def load(path: str, modality: Optional[str] = None, weights: Optional[str] = Non
     """A d2v_plugin pretraining checkpoint (``d2v_multi``), an official data2vec one, or a folder
     written by ``python -m d2v_plugin.export --to safetensors`` -> ``Extractor``; ``modality``
     picks the encoder of a multimodal model, ``weights`` the student or the EMA teacher (default:
-    the student of a checkpoint, what an export folder holds)."""
-    from .checkpoints import PretrainedCheckpointError, read_pretrained
+    the student of a checkpoint, what an export folder holds). A fine-tuned checkpoint or its
+    export -> ``predict.Predictor`` (an ``Extractor`` of its encoder that also predicts)."""
+    from .checkpoints import CheckpointError, PretrainedCheckpointError, finetuned_parts, load_checkpoint, read_pretrained
     from .modules.data2vec import parse_modalities
 
     if os.path.isdir(path):
@@ -301,12 +303,24 @@ def load(path: str, modality: Optional[str] = None, weights: Optional[str] = Non
             pre = read_export(path, weights)
         except ExportError as e:
             raise ExtractError(str(e)) from e
+        if pre["head"] is not None:
+            from .predict import finetuned_predictor
+
+            return _fine_tuned_modality(finetuned_predictor(path, pre), modality, path)
     elif not os.path.isfile(path):
         raise ExtractError(f"--checkpoint {path!r}: file not found")
     else:
         try:
-            pre = read_pretrained(path, None)
-        except PretrainedCheckpointError as e:
+            ckpt = load_checkpoint(path, "a d2v_plugin checkpoint (pretraining or fine-tuned) or an official data2vec one")
+            ft = finetuned_parts(ckpt)
+            if ft is not None:
+                if weights not in (None, "student"):
+                    raise ExtractError(f"{path}: a fine-tuned checkpoint has no EMA teacher; load it without weights=teacher")
+                from .predict import load_finetuned
+
+                return _fine_tuned_modality(load_finetuned(path, ft), modality, path)
+            pre = read_pretrained(path, None, ckpt)
+        except (CheckpointError, PretrainedCheckpointError) as e:
             raise ExtractError(str(e)) from e
     modalities = parse_modalities(pre["model"].get("modalities", "audio"))
     if modality is None:
@@ -320,6 +334,12 @@ def load(path: str, modality: Optional[str] = None, weights: Optional[str] = Non
     model = build_model(pre["model"], pre["state"], "student" if exported else weights or "student", path, stripped=exported)
     model.remove_pretraining_modules(modality)
     return Extractor(model, modality, pre["task"], pre["task_state"], path)
+
+
+def _fine_tuned_modality(predictor: Extractor, modality: Optional[str], path: str) -> Extractor:
+    if modality not in (None, predictor.modality):
+        raise ExtractError(f"{path} is a fine-tuned {predictor.modality} model: it has no {modality} encoder")
+    return predictor
 
 
 def read_inputs(paths: Sequence[str], modality: str) -> List[str]:

@@ -249,7 +249,7 @@ def hf_model(c: Dict, state: Dict[str, torch.Tensor], extra_ids: int = 0,
 
 def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
     """CKPT -> a transformers folder; returns the class name written."""
-    from .checkpoints import CheckpointError, PretrainedCheckpointError, load_checkpoint, read_pretrained
+    from .checkpoints import CheckpointError, PretrainedCheckpointError, finetuned_parts, load_checkpoint, read_pretrained
     from .extract import ExtractError, build_model
 
     try:
@@ -260,7 +260,10 @@ def write_hf(ckpt_path: str, out: str, weights: str = "student") -> str:
     if finetuned is not None:
         if weights != "student":
             raise ExportError(f"{ckpt_path}: a fine-tuned checkpoint has no EMA teacher; export it without --weights")
-        return write_hf_finetuned(ckpt_path, finetuned, out)
+        try:
+            return write_hf_finetuned(ckpt_path, finetuned, out)
+        except CheckpointError as e:  # the fine-tuning data folder that names the outputs is gone
+            raise ExportError(str(e)) from None
     try:
         pre = read_pretrained(ckpt_path, None, ckpt)
     except PretrainedCheckpointError as e:
@@ -294,47 +297,13 @@ FINETUNED = {"d2v_ctc": "Data2VecAudioForCTC", "d2v_audio_classifier": "Data2Vec
              "d2v_text_classifier": "Data2VecTextForSequenceClassification", "d2v_image_classifier": None}
 
 
-def finetuned_parts(ckpt: Dict) -> Optional[Dict]:
-    """A loaded fine-tuned checkpoint (d2v_ctc, d2v_audio_classifier, d2v_text_classifier,
-    d2v_image_classifier) -> its parts: name, pretrained model config, fine-tuning model and
-    task config, encoder and head state; None for any other checkpoint (read_pretrained says
-    what it is)."""
-    from omegaconf import OmegaConf
-
-    cfg = ckpt.get("cfg")
-    cfg = OmegaConf.create(cfg) if isinstance(cfg, dict) else cfg
-    name = cfg.model.get("_name") if cfg is not None and cfg.get("model") is not None else None
-    if name not in FINETUNED:
-        return None
-    model = OmegaConf.to_container(cfg.model, resolve=True)
-    args = model.get("pretrained_args") or {}
-    state = ckpt["model"]
-    return {"name": name, "pretrained": args.get("model") or {}, "pretrained_task": args.get("task") or {},
-            "model": model, "task": OmegaConf.to_container(cfg.task, resolve=True) if cfg.get("task") is not None else {},
-            "encoder": {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")},
-            "head": {k: v for k, v in state.items() if not k.startswith("encoder.")}}
-
-
-def _labels(ft: Dict, path: str) -> List[str]:
-    """The classes of a fine-tuned classifier: labels.txt of its fine-tuning data."""
-    with open(_data_file(ft, "labels.txt", path), encoding="utf-8") as f:
-        return [line.strip() for line in f if line.strip()]
-
-
-def _data_file(ft: Dict, name: str, path: str) -> str:
-    f = os.path.join(ft["task"].get("data") or "", name)
-    if not os.path.isfile(f):
-        raise ExportError(f"{path}: the fine-tuning data folder task.data={ft['task'].get('data')!r} has no {name}, which "
-                          "names the model's outputs; restore the folder (or copy it) and export again")
-    return f
-
-
 def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
     """A fine-tuned checkpoint -> transformers' ``...ForCTC`` / ``...ForSequenceClassification``."""
     from transformers import Wav2Vec2CTCTokenizer
 
+    from .checkpoints import finetuned_outputs, finetuned_text_files
     from .extract import build_model
-    from .vocab import Vocabulary
+    from .modules.heads import HEADS
 
     arch = FINETUNED[ft["name"]]
     c = ft["pretrained"]
@@ -342,24 +311,24 @@ def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
                                       "`--to hf` of its pretraining checkpoint)")
     if why:
         raise ExportError(f"{path}: no transformers class computes this model exactly: {why}")
-    state = build_model(c, ft["encoder"], "student", path, stripped=True).state_dict()
+    state = build_model(c, ft["encoder"], "student", path, stripped=True, modality=HEADS[ft["name"]].MODALITY).state_dict()
     head = ft["head"]
     if ft["name"] == "d2v_ctc":
-        letters = Vocabulary.load(_data_file(ft, f"dict.{ft['task'].get('labels', 'ltr')}.txt", path))
+        letters = finetuned_outputs(ft, path)
         if len(letters) != head["proj.weight"].shape[0]:
             raise ExportError(f"{path}: dict has {len(letters)} symbols, the CTC projection {head['proj.weight'].shape[0]}")
         cfg, tensors, _ = hf_model(c, state)
-        cfg.vocab_size, cfg.pad_token_id = len(letters), letters.bos()  # CTC blank = <s> (index 0), transformers' pad
+        cfg.vocab_size, cfg.pad_token_id = len(letters), 0  # CTC blank = <s> (index 0), transformers' pad
         cfg.final_dropout = float(ft["model"].get("final_dropout", 0.0))
         tensors = {"data2vec_audio." + k: v for k, v in tensors.items()}
         tensors.update({"lm_head.weight": head["proj.weight"], "lm_head.bias": head["proj.bias"]})
         os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump({sym: i for i, sym in enumerate(letters.symbols)}, f, ensure_ascii=False)
+            json.dump({sym: i for i, sym in enumerate(letters)}, f, ensure_ascii=False)
         Wav2Vec2CTCTokenizer(os.path.join(out, "vocab.json"), bos_token="<bos_unused>", eos_token="<eos_unused>",
                              unk_token="<unk>", pad_token="<s>", word_delimiter_token="|").save_pretrained(out)
     if ft["name"] == "d2v_audio_classifier":
-        labels = _labels(ft, path)
+        labels = finetuned_outputs(ft, path)
         if len(labels) != head["classifier.weight"].shape[0]:
             raise ExportError(f"{path}: labels.txt has {len(labels)} classes, the head {head['classifier.weight'].shape[0]}")
         cfg, tensors, _ = hf_model(c, state)
@@ -375,18 +344,11 @@ def write_hf_finetuned(path: str, ft: Dict, out: str) -> str:
         if ft["model"].get("pooling", "first") != "first":
             raise ExportError(f"{path}: pooling={ft['model']['pooling']!r}; Data2VecTextForSequenceClassification reads "
                               "the <s> token (pooling=first)")
-        labels = _labels(ft, path)
+        labels = finetuned_outputs(ft, path)
         outputs = head["head.3.weight"].shape[0]
         if outputs != max(1, len(labels)):
             raise ExportError(f"{path}: labels.txt has {len(labels)} labels, the head {outputs} outputs")
-        files = {}
-        for name in ("dict.txt", "spm.model"):  # the fine-tuning data (prep.text_classification copies them), else the pretraining data
-            dirs = [d for d in (ft["task"].get("data"), ft["pretrained_task"].get("data")) if d]
-            found = next((os.path.join(d, name) for d in dirs if os.path.isfile(os.path.join(d, name))), None)
-            if found is None:
-                raise ExportError(f"{path}: no {name} in the fine-tuning or pretraining data folder ({', '.join(dirs)}); "
-                                  "restore one and export again")
-            files[name] = open(found, "rb").read()
+        files = finetuned_text_files(ft, path)
         vocab, tok, extra = _tokenizer(files, state["modality_encoders.text.embed_tokens.weight"].shape[0], path)
         cfg, tensors, _ = hf_model(c, state, extra_ids=extra, specials=(vocab.bos(), vocab.pad(), vocab.eos(), vocab.unk()))
         cfg.num_labels = outputs

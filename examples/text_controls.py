@@ -128,7 +128,7 @@ def pretrain_command(method: str, data: str, save: str, run_dir: str, updates: i
             f"++model.transformer.decoder.output_dim={m['embed_dim']}"]
 
 
-def run_logged(cmd: list, log: str, method: str) -> float:
+def run_logged(cmd: list, log: str, method: str, append: bool = False) -> float:
     """-> seconds; the official code runs with its own PYTHONPATH."""
     env = dict(os.environ)
     if method.startswith("official"):
@@ -136,7 +136,7 @@ def run_logged(cmd: list, log: str, method: str) -> float:
         env["PYTHONPATH"] = f"{ref}/root/examples/data2vec:{ref}/root"
     print("$ " + " ".join(cmd), flush=True)
     start = time.time()
-    with open(log, "w") as f:
+    with open(log, "a" if append else "w") as f:
         proc = subprocess.run(cmd, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         sys.exit(f"{method}: pretraining failed ({proc.returncode}); see {log}:\n{open(log).read()[-3000:]}")
@@ -168,10 +168,21 @@ def pretrain_method(method: str, data: str, work: str, a) -> dict:
         run_logged(pretrain_command(method, data, f"{cal}/ckpt", f"{cal}/hydra", a.calibrate, a.seed, a), f"{cal}/log", method)
         ups = updates_per_second(f"{cal}/log")
     updates = max(10, int(a.budget * ups))
-    shutil.rmtree(save, ignore_errors=True)
-    seconds = run_logged(pretrain_command(method, data, save, f"{work}/{tag}_hydra", updates, a.seed, a), log, method)
+    run = {"calibrated_ups": ups, "planned_updates": updates}
+    resumed = fixed and os.path.isfile(f"{save}/checkpoint_last.pt") and os.path.isfile(log)
+    if resumed:  # an interrupted run of a fixed update count: fairseq resumes exactly from checkpoint_last.pt
+        walls = re.findall(r"train_inner.*?num_updates=(\d+).*?wall=(\d+)", open(log).read())
+        at = torch.load(f"{save}/checkpoint_last.pt", map_location="cpu", weights_only=False)["optimizer_history"][-1]["num_updates"]
+        before = max((int(w) for u, w in walls if int(u) <= at), default=0)
+        print(f"{method}: resuming the interrupted pretraining in {save} at update {at}", flush=True)
+        run.update(resumed_at_update=at, seconds_before_resume=before)
+    else:
+        shutil.rmtree(save, ignore_errors=True)
+    seconds = run_logged(pretrain_command(method, data, save, f"{work}/{tag}_hydra", updates, a.seed, a), log, method,
+                         append=bool(resumed))
+    run["seconds"] = round(seconds + run.get("seconds_before_resume", 0), 1)
     with open(f"{save}/run.json", "w") as f:
-        json.dump({"calibrated_ups": ups, "planned_updates": updates, "seconds": round(seconds, 1)}, f)
+        json.dump(run, f)
     return finished_pretraining(method, data, save, log, a)
 
 

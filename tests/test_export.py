@@ -279,6 +279,7 @@ def finetuned_checkpoint(pre_path, out, name, task, outputs, **fields):
     from d2v_plugin.extract import build_model
     from d2v_plugin.models.d2v_audio_classifier import D2vAudioClassifier, D2vAudioClassifierConfig
     from d2v_plugin.models.d2v_ctc import D2vCtcConfig, D2vCtcModel
+    from d2v_plugin.models.d2v_image_classifier import D2vImageClassifier, D2vImageClassifierConfig
     from d2v_plugin.models.d2v_text_classifier import D2vTextClassifier, D2vTextClassifierConfig
 
     pre = torch.load(pre_path, weights_only=False)
@@ -290,8 +291,11 @@ def finetuned_checkpoint(pre_path, out, name, task, outputs, **fields):
     elif name == "d2v_audio_classifier":
         cfg = D2vAudioClassifierConfig(pretrained_args=args, layerdrop=0.0, classifier_proj_size=24, **fields)
         model = D2vAudioClassifier(cfg, encoder, outputs, True)
+    elif name == "d2v_image_classifier":
+        cfg = D2vImageClassifierConfig(pretrained_args=args, layerdrop=0.0)
+        model = D2vImageClassifier(cfg, encoder, outputs)
     else:
-        cfg = D2vTextClassifierConfig(pretrained_args=args, layerdrop=0.0)
+        cfg = D2vTextClassifierConfig(pretrained_args=args, layerdrop=0.0, **fields)
         model = D2vTextClassifier(cfg, encoder, outputs)
     torch.manual_seed(1)
     with torch.no_grad():
@@ -392,3 +396,101 @@ print("ok", [m for m in sys.modules if m.startswith("fairseq") and sys.modules[m
 """
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0 and res.stdout.strip().endswith("ok []"), res.stderr[-2000:] + res.stdout
+
+
+def best_path_transcript(logits, letters):
+    """By hand: the most probable label per frame, repeats merged, blanks (index 0) and the
+    other specials dropped, ``|`` a space."""
+    import itertools
+
+    symbols = ["<s>", "<pad>", "</s>", "<unk>"] + letters
+    labels = [k for k, _ in itertools.groupby(logits.argmax(-1).tolist()) if k >= 4]
+    return "".join(symbols[k] for k in labels).replace("|", " ").strip()
+
+
+@pytest.mark.slow
+def test_finetuned_models_predict_and_travel_without_fairseq(ckpts, corpora, tmp_path):
+    """A fine-tuned checkpoint (CTC, audio / text / image classifier) -> d2v_plugin.load: the
+    fairseq model's logits; --to safetensors -> the same; both with fairseq blocked; predict
+    -> the transcript or class by hand; the CLI writes one line per input."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from d2v_plugin.predict import Predictor
+
+    data = tmp_path / "data"
+    data.mkdir()
+    letters = ["|", "E", "T", "A", "O"]
+    (data / "dict.ltr.txt").write_text("".join(f"{c} {9 - i}\n" for i, c in enumerate(letters)))
+    (data / "labels.txt").write_text("yes\nno\nmaybe\n")
+    for name in ("dict.txt", "spm.model"):
+        shutil.copy(corpora["text"] / name, data / name)
+    rng = np.random.RandomState(1)
+    images = []
+    for i in range(3):
+        Image.fromarray(rng.randint(0, 255, (40, 36, 3), dtype=np.uint8)).save(tmp_path / f"im{i}.png")
+        images.append(str(tmp_path / f"im{i}.png"))
+    cases = {  # name -> (pretrained, kind, task, outputs, fields, inputs)
+        "ctc": ("audio_v1", "d2v_ctc", "d2v_asr_finetuning", 4 + len(letters), {}, ckpts["wavs"]),
+        "audio_cls": ("audio_v2", "d2v_audio_classifier", "d2v_audio_classification", 3, {"pooling": "weighted"}, ckpts["wavs"]),
+        "text_cls": ("text_v2", "d2v_text_classifier", "d2v_text_classification", 3, {"pooling": "mean"}, ckpts["lines"][:4]),
+        "image_cls": ("image_v2", "d2v_image_classifier", "d2v_image_classification", 3, {}, images),
+    }
+    want = {}
+    for case, (pre, kind, task, outputs, fields, inputs) in cases.items():
+        ckpt = tmp_path / f"{case}.pt"
+        model = finetuned_checkpoint(ckpts[pre], ckpt, kind, {"_name": task, "data": str(data), "labels": "ltr"},
+                                     outputs, **fields)
+        p = d2v_plugin.load(str(ckpt))
+        assert isinstance(p, Predictor) and p.kind == kind
+        with torch.no_grad():
+            source, pad = p.batch([p.read(x) for x in inputs])
+            ours = model(source, padding_mask=pad)["logits"]
+        assert (p.logits(source, pad)["logits"] - ours).abs().max() <= 1e-5, case
+        res = export(ckpt, "safetensors", tmp_path / f"st_{case}")
+        assert res.returncode == 0 and f"fine-tuned {kind}" in res.stdout, res.stderr
+        st = d2v_plugin.load(str(tmp_path / f"st_{case}"))
+        assert isinstance(st, Predictor) and (st.logits(source, pad)["logits"] - ours).abs().max() <= 1e-5, case
+        preds = p.predict(inputs, batch_size=2)
+        if kind == "d2v_ctc":
+            lengths = [int((~pad[b]).sum()) if pad is not None else ours.shape[1] for b in range(len(inputs))]
+            assert [r.label for r in preds] == [best_path_transcript(ours[b, :n], letters) for b, n in enumerate(lengths)]
+        else:
+            names = ["yes", "no", "maybe"]
+            assert [r.label for r in preds] == [names[k] for k in ours.argmax(-1).tolist()]
+            assert np.allclose([r.score for r in preds], torch.softmax(ours, -1).max(-1).values.numpy(), atol=1e-5)
+        assert any(r.label for r in preds) and [r.label for r in st.predict(inputs)] == [r.label for r in preds]
+        want[case] = [[r.label, r.score] for r in preds]
+        out, given = tmp_path / f"{case}.tsv", inputs
+        if kind == "d2v_text_classifier":  # the CLI reads sentences from files of lines
+            (tmp_path / "lines.txt").write_text("".join(x + "\n" for x in inputs))
+            given = [str(tmp_path / "lines.txt")]
+        res = subprocess.run([sys.executable, "-m", "d2v_plugin.predict", "--checkpoint", str(tmp_path / f"st_{case}"),
+                              "--input", *given, "--out", str(out)], capture_output=True, text=True, cwd=REPO)
+        assert res.returncode == 0, res.stderr
+        rows = [line.split("\t") for line in out.read_text().splitlines()]
+        assert [r[0] for r in rows] == [str(x) for x in inputs] and [r[1] for r in rows] == [r.label for r in preds]
+    (tmp_path / "want.json").write_text(json.dumps({k: [v, cases[k][5]] for k, v in want.items()}))
+    script = f"""
+import json, sys
+sys.modules["fairseq"] = None  # any import of fairseq fails
+import numpy as np, d2v_plugin
+for case, (want, inputs) in json.load(open({str(tmp_path / 'want.json')!r})).items():
+    for path in ({str(tmp_path)!r} + f"/{{case}}.pt", {str(tmp_path)!r} + f"/st_{{case}}"):
+        got = d2v_plugin.load(path).predict(inputs)
+        assert [r.label for r in got] == [w[0] for w in want], (path, got)
+        assert np.allclose([r.score for r in got], [w[1] for w in want], atol=1e-4), path
+print("ok", [m for m in sys.modules if m.startswith("fairseq") and sys.modules[m] is not None])
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 0 and res.stdout.strip() == "ok []", res.stderr[-2000:]
+    # the outputs' names must still fit the head; a pretraining checkpoint has no head
+    (data / "labels.txt").write_text("yes\nno\n")
+    with pytest.raises(ExtractError, match="labels.txt of its fine-tuning data names 2 outputs, the head has 3"):
+        d2v_plugin.load(str(tmp_path / "audio_cls.pt"))
+    res = subprocess.run([sys.executable, "-m", "d2v_plugin.predict", "--checkpoint", str(ckpts["audio_v1"]), "--input",
+                          *ckpts["wavs"], "--out", str(tmp_path / "x.tsv")], capture_output=True, text=True, cwd=REPO)
+    assert res.returncode == 1 and "has no head to predict with" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "x.tsv").exists()

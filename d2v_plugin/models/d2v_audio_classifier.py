@@ -7,13 +7,12 @@ classes)."""
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
-import torch
-import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from torch import Tensor
 
 from ..modules.data2vec import Data2Vec
+from ..modules.heads import AudioClassifierHead
 from .pretrained import FinetuneConfig, FinetuneModel, audio_normalize
 
 
@@ -27,8 +26,9 @@ class D2vAudioClassifierConfig(FinetuneConfig):
 
 
 @register_model("d2v_audio_classifier", dataclass=D2vAudioClassifierConfig)
-class D2vAudioClassifier(FinetuneModel):
-    MODALITY = "audio"
+class D2vAudioClassifier(AudioClassifierHead, FinetuneModel):
+    """The head and ``predict``: modules/heads.py ``AudioClassifierHead``."""
+
     OVERRIDES = {**FinetuneModel.OVERRIDES, "dropout": ("encoder_dropout", "post_mlp_dropout", "audio_prenet_dropout")}
 
     def __init__(self, cfg: D2vAudioClassifierConfig, encoder: Data2Vec, num_classes: int, pretrained_normalize: bool):
@@ -36,12 +36,8 @@ class D2vAudioClassifier(FinetuneModel):
         if cfg.pooling == "weighted" and cfg.layerdrop > 0:
             raise ValueError(f"model.pooling=weighted reads every layer, so no layer may be dropped: set model.layerdrop=0 "
                              f"(it is {cfg.layerdrop})")
-        D = encoder.settings.embed_dim
         self.pretrained_normalize = pretrained_normalize
-        self.layer_weights = nn.Parameter(torch.ones(len(encoder.blocks) + 1) / (len(encoder.blocks) + 1)) \
-            if cfg.pooling == "weighted" else None
-        self.projector = nn.Linear(D, cfg.classifier_proj_size)
-        self.classifier = nn.Linear(cfg.classifier_proj_size, num_classes)
+        self.init_head(num_classes, cfg.classifier_proj_size, cfg.pooling)
         if cfg.linear_probe:
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
@@ -53,14 +49,4 @@ class D2vAudioClassifier(FinetuneModel):
 
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, **unused) -> Dict[str, Tensor]:
         """source: (B, S) waveforms -> logits (B, classes)."""
-        enc = self.encoder
-        if self.layer_weights is None:
-            out = enc.extract_features(source, padding_mask, modality="audio")
-            x, pad = out["x"], out["padding_mask"]  # (B, T, D), (B, T) | None
-        else:
-            states, pad = enc.hidden_states(source, padding_mask, modality="audio")  # L + 1 x (B, T, D)
-            w = torch.softmax(self.layer_weights, 0)
-            x = (torch.stack(states, 0) * w.view(-1, 1, 1, 1).to(states[0].dtype)).sum(0)
-        h = self.projector(x)  # (B, T, P)
-        real = (~pad).unsqueeze(-1).to(h.dtype) if pad is not None else h.new_ones(h.shape[:2] + (1,))
-        return {"logits": self.classifier((h * real).sum(1) / real.sum(1).clamp(min=1))}
+        return self.predict(source, padding_mask)

@@ -6,7 +6,6 @@ letter dictionary, the full sequence is masked in time and channel spans, the co
 extractor stays frozen (``feature_grad_mult 0``), the whole encoder can be frozen for
 ``freeze_finetune_updates`` and learning rates can decay towards the input (``layer_decay``).
 """
-import contextlib
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -18,6 +17,7 @@ from torch import Tensor
 
 from ..modules.ctc import finetune_mask
 from ..modules.data2vec import Data2Vec
+from ..modules.heads import CtcHead
 from .pretrained import FinetuneConfig, FinetuneModel, audio_normalize
 
 
@@ -35,8 +35,9 @@ class D2vCtcConfig(FinetuneConfig):
 
 
 @register_model("d2v_ctc", dataclass=D2vCtcConfig)
-class D2vCtcModel(FinetuneModel):
-    MODALITY = "audio"
+class D2vCtcModel(CtcHead, FinetuneModel):
+    """The head and ``predict``: modules/heads.py ``CtcHead``; here the fine-tuning masks and freezing."""
+
     OVERRIDES = {
         **FinetuneModel.OVERRIDES,
         "dropout": ("encoder_dropout", "post_mlp_dropout", "audio_prenet_dropout"),
@@ -46,8 +47,7 @@ class D2vCtcModel(FinetuneModel):
     def __init__(self, cfg: D2vCtcConfig, encoder: Data2Vec, num_outputs: int, pretrained_normalize: bool):
         super().__init__(cfg, encoder)
         self.pretrained_normalize = pretrained_normalize
-        self.final_dropout = nn.Dropout(cfg.final_dropout)
-        self.proj = nn.Linear(encoder.settings.embed_dim, num_outputs)
+        self.init_head(num_outputs, cfg.final_dropout)
         nn.init.xavier_uniform_(self.proj.weight)
         nn.init.zeros_(self.proj.bias)
 
@@ -64,10 +64,7 @@ class D2vCtcModel(FinetuneModel):
     def forward(self, source: Tensor, padding_mask: Optional[Tensor] = None, **unused) -> Dict[str, Optional[Tensor]]:
         """source: (B, L) waveform -> logits (B, T, V) over the dictionary, padding_mask (B, T) | None."""
         frozen = self.training and self.num_updates < self.cfg.freeze_finetune_updates
-        masker = self.mask if self.training else None
-        with torch.no_grad() if frozen else contextlib.nullcontext():
-            out = self.encoder.extract_features(source, padding_mask, masker=masker)
-        return {"logits": self.proj(self.final_dropout(out["x"])), "padding_mask": out["padding_mask"]}
+        return self.predict(source, padding_mask, masker=self.mask if self.training else None, frozen=frozen)
 
     def get_normalized_probs(self, net_output, log_probs: bool, sample=None) -> Tensor:
         logits = net_output["logits"].float()

@@ -4,16 +4,15 @@
 ``linear_probe`` freezes the encoder (eval mode, no gradients) and trains the head
 only. When ``input_size`` differs from pretraining the position table is resized.
 """
-import contextlib
 from dataclasses import dataclass, field
 from typing import Dict
 
-import torch
 import torch.nn as nn
 from fairseq.models import register_model
 from torch import Tensor
 
 from ..modules.data2vec import Data2Vec
+from ..modules.heads import ImageClassifierHead
 from ..modules.positional import resize_grid
 from .pretrained import FinetuneConfig, FinetuneModel
 
@@ -26,15 +25,14 @@ class D2vImageClassifierConfig(FinetuneConfig):
 
 
 @register_model("d2v_image_classifier", dataclass=D2vImageClassifierConfig)
-class D2vImageClassifier(FinetuneModel):
-    MODALITY = "image"
+class D2vImageClassifier(ImageClassifierHead, FinetuneModel):
+    """The head and ``predict``: modules/heads.py ``ImageClassifierHead``."""
+
     OVERRIDES = {**FinetuneModel.OVERRIDES, "dropout": ("encoder_dropout", "post_mlp_dropout", "image_prenet_dropout")}
 
     def __init__(self, cfg: D2vImageClassifierConfig, encoder: Data2Vec, num_classes: int):
         super().__init__(cfg, encoder)
-        D = encoder.settings.embed_dim
-        self.norm = nn.LayerNorm(D, eps=1e-6)
-        self.head = nn.Linear(D, num_classes)
+        self.init_head(num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         self.head.weight.data.mul_(cfg.head_init_scale)
         nn.init.zeros_(self.head.bias)
@@ -72,6 +70,4 @@ class D2vImageClassifier(FinetuneModel):
 
     def forward(self, source: Tensor, **unused) -> Dict[str, Tensor]:
         """source: (B, C, H, W) -> logits (B, classes)."""
-        with torch.no_grad() if self.cfg.linear_probe else contextlib.nullcontext():
-            x = self.encoder.extract_features(source, modality="image")["x"]  # (B, L, D) patches
-        return {"logits": self.head(self.norm(x.mean(1)))}
+        return self.predict(source, frozen=self.cfg.linear_probe)

@@ -5,12 +5,12 @@ or one for regression."""
 from dataclasses import dataclass, field
 from typing import Dict
 
-import torch.nn as nn
 from fairseq.dataclass import ChoiceEnum
 from fairseq.models import register_model
 from torch import Tensor
 
 from ..modules.data2vec import Data2Vec
+from ..modules.heads import TextClassifierHead
 from .pretrained import FinetuneConfig, FinetuneModel
 
 
@@ -23,14 +23,14 @@ class D2vTextClassifierConfig(FinetuneConfig):
 
 
 @register_model("d2v_text_classifier", dataclass=D2vTextClassifierConfig)
-class D2vTextClassifier(FinetuneModel):
-    MODALITY = "text"
+class D2vTextClassifier(TextClassifierHead, FinetuneModel):
+    """The head and ``predict``: modules/heads.py ``TextClassifierHead``."""
+
     OVERRIDES = {**FinetuneModel.OVERRIDES, "dropout": ("encoder_dropout", "post_mlp_dropout", "text_dropout")}
 
     def __init__(self, cfg: D2vTextClassifierConfig, encoder: Data2Vec, num_outputs: int):
         super().__init__(cfg, encoder)
-        D = encoder.settings.embed_dim
-        self.head = nn.Sequential(nn.Linear(D, D), nn.Tanh(), nn.Dropout(cfg.pooler_dropout), nn.Linear(D, num_outputs))
+        self.init_head(num_outputs, cfg.pooling, cfg.pooler_dropout)
 
     @classmethod
     def build_model(cls, cfg: D2vTextClassifierConfig, task) -> "D2vTextClassifier":
@@ -39,9 +39,4 @@ class D2vTextClassifier(FinetuneModel):
 
     def forward(self, source: Tensor, padding_mask=None, **unused) -> Dict[str, Tensor]:
         """source: (B, T) tokens -> logits (B, classes) (or (B, 1) for regression)."""
-        out = self.encoder.extract_features(source, padding_mask, modality="text")
-        x, pad = out["x"], out["padding_mask"]  # (B, T, D), (B, T) | None
-        if self.cfg.pooling == "first":
-            return {"logits": self.head(x[:, 0])}
-        real = (~pad).unsqueeze(-1).to(x.dtype) if pad is not None else x.new_ones(x.shape[:2] + (1,))
-        return {"logits": self.head((x * real).sum(1) / real.sum(1).clamp(min=1))}
+        return self.predict(source, padding_mask)
