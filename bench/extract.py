@@ -12,8 +12,11 @@ d2v_plugin.export --to hf``: data2vec 1.0 speech (``Data2VecAudioModel``) and da
 images (no transformers class computes the plugin's image encoder, so that row is the
 plugin's alone).
 
-One pass = read every file, normalise, batch (``--batch-size``, padded to the longest, in
-the same order for both), forward, remove the padding, float32 numpy per file. Each
+One pass = read every file, normalise, batch (``--batch-size``, padded to the longest),
+forward, remove the padding, float32 numpy per file. d2v_plugin's ``extract`` batches files
+of similar length together (``Extractor.batches``: 32 batches read at a time, sorted by
+length); the row "d2v_plugin (input order)" batches in the given order, as the
+transformers loop does, so the table shows what the model and what the batching are worth. Each
 (implementation, precision) runs in its own process (peak RSS above the process's baseline
 after its imports is its memory); processes alternate over ``--rounds`` rounds and the
 table reports the median pass over all rounds, and the ratio of medians. The features of
@@ -78,15 +81,18 @@ def make_checkpoint(modality: str, size: str, algorithm: str, path: str) -> None
                                        "num_updates": 0}]}, path)
 
 
+NAMES = {"plugin": "d2v_plugin", "plugin_inorder": "d2v_plugin (input order)", "hf": "transformers"}
+
+
 def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_plugin(ckpt: str, files, dtype, batch_size: int):
+def run_plugin(ckpt: str, files, dtype, batch_size: int, sort: bool = True):
     import d2v_plugin
 
     ex = d2v_plugin.load(ckpt).to(dtype)
-    return lambda: ex.extract(files, batch_size=batch_size)
+    return lambda: ex.extract(files, batch_size=batch_size, sort=sort)
 
 
 def run_hf(folder: str, files, dtype, batch_size: int):
@@ -122,7 +128,10 @@ def one(impl: str, modality: str, model_path: str, files, precision: str, batch_
         import transformers  # noqa: F401  (its import, like fairseq's for the plugin, is not the model's memory)
     import d2v_plugin  # noqa: F401
     base = rss_mib()
-    fn = (run_hf if impl == "hf" else run_plugin)(model_path, files, dtype, batch_size)
+    if impl == "hf":
+        fn = run_hf(model_path, files, dtype, batch_size)
+    else:
+        fn = run_plugin(model_path, files, dtype, batch_size, sort=impl == "plugin")
     feats = fn()  # warm-up pass
     times = []
     for _ in range(passes):
@@ -167,6 +176,7 @@ def main():
             open(lst, "w").write("\n".join(inputs[mod]))
             impls = [("plugin", ckpt)]
             if mod == "audio":
+                impls.append(("plugin_inorder", ckpt))
                 hf = os.path.join(work, f"hf_{mod}_{size}")
                 subprocess.run([sys.executable, "-m", "d2v_plugin.export", ckpt, "--to", "hf", "--out", hf], check=True,
                                cwd=ROOT, capture_output=True)
@@ -204,16 +214,17 @@ def main():
 
     print(f"device: {device_name('cpu')}; {a.threads} threads; {a.files} files per modality, batch {a.batch_size}; "
           f"median of {a.rounds} x {a.passes} passes")
-    head = f"{'modality':<8} {'size':<5} {'prec':<5} {'impl':<13} {'s/pass':>7} {'files/s':>8} {'peak MiB':>9} {'vs hf':>6}"
+    head = f"{'modality':<8} {'size':<5} {'prec':<5} {'impl':<24} {'s/pass':>7} {'files/s':>8} {'peak MiB':>9} {'vs hf':>6}"
     print(head + "\n" + "-" * len(head))
     by = {(r["impl"], r["modality"], r["size"], r["precision"]): r for r in rows}
     for r in rows:
         hf = by.get(("hf", r["modality"], r["size"], r["precision"]))
-        ratio = f"{hf['median_pass_s'] / r['median_pass_s']:.2f}x" if hf and r["impl"] == "plugin" else ""
-        name = "d2v_plugin" if r["impl"] == "plugin" else "transformers"
-        print(f"{r['modality']:<8} {r['size']:<5} {r['precision']:<5} {name:<13} {r['median_pass_s']:>7.2f} "
+        mine = r["impl"] != "hf"
+        ratio = f"{hf['median_pass_s'] / r['median_pass_s']:.2f}x" if hf and mine else ""
+        name = NAMES[r["impl"]]
+        print(f"{r['modality']:<8} {r['size']:<5} {r['precision']:<5} {name:<24} {r['median_pass_s']:>7.2f} "
               f"{r['files_per_s']:>8.1f} {r['peak_mib']:>9.0f} {ratio:>6}")
-        if hf and r["impl"] == "plugin":
+        if hf and mine:
             r["speedup_vs_hf"] = hf["median_pass_s"] / r["median_pass_s"]
     for c in checks:
         print(f"audio {c['size']} {c['precision']}: features of d2v_plugin vs transformers, max abs diff "

@@ -2,6 +2,7 @@
 
     bash ../shared/reference/setup_reference.sh REF          # once: the official code in its own venv
     python bench/vs_reference.py --ref REF --work DIR [--modalities audio,text,image] [--rounds 3]
+                                 [--precision fp32,bf16]
 
 For each round and modality it runs ``official_bench.sh`` (the reference through
 ``fairseq-hydra-train`` with its base v2 config shrunk to depth 4, width 256, 4 heads,
@@ -13,6 +14,13 @@ torch, same fairseq; only ``editdistance`` is added there), so the comparison is
 the model code. Seconds per update = median over the logged intervals (first dropped);
 peak memory = peak RSS from ``/usr/bin/time -v``. Prints a table (medians over rounds,
 plus the per-round speedups) and writes JSON.
+
+``--precision fp32,bf16``: each implementation also with fairseq's ``common.bf16=true`` (the
+reference through a copy of official_bench.sh with that override added), rows alternating;
+a failed run is reported as such, not fatal. The last line per modality compares the best
+mode of each. The official code's bf16 teacher computes in bf16 (``ema_same_dtype: true``,
+its default: the EMA model is cast to the student's dtype, fp32 copies kept for the update);
+d2v_plugin's teacher computes in fp32.
 """
 from __future__ import annotations
 
@@ -60,8 +68,24 @@ def parse_log(path: str) -> dict:
     return {"sec_per_update": statistics.median(per), "intervals": per, "peak_rss_mib": int(rss.group(1)) / 1024}
 
 
-def run_reference(a, modality: str) -> dict:
+def reference_script(a, precision: str) -> str:
+    """official_bench.sh, or for bf16 a copy of it in ``--work`` with ``common.bf16=true`` added
+    to its fairseq overrides (the script itself fixes fp32)."""
     script = os.path.join(a.ref_scripts, "official_bench.sh")
+    if precision == "fp32":
+        return script
+    text = open(script).read()
+    if "common.fp16=false" not in text:
+        sys.exit(f"{script}: no common.fp16=false to add common.bf16=true beside; update vs_reference.py")
+    copy = os.path.join(a.work, "official_bench_bf16.sh")
+    with open(copy, "w") as f:
+        f.write(text.replace("common.fp16=false", "common.fp16=false common.bf16=true", 1)
+                .replace('"$(dirname "$0")/parse_fairseq_log.py"', f'"{os.path.dirname(os.path.abspath(script))}/parse_fairseq_log.py"'))
+    return copy
+
+
+def run_reference(a, modality: str, precision: str = "fp32") -> dict:
+    script = reference_script(a, precision)
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads))
     subprocess.run(["bash", script, a.ref, a.work, modality, str(a.updates)], check=True, env=env,
                    stdout=subprocess.DEVNULL)
@@ -82,7 +106,7 @@ def image_lists(a) -> None:
                    stdout=subprocess.DEVNULL)
 
 
-def run_d2v(a, modality: str, name: str, root: str) -> dict:
+def run_d2v(a, modality: str, name: str, root: str, precision: str = "fp32") -> dict:
     """d2v_plugin from the checkout ``root`` (a ``--variants`` entry)."""
     if modality == "image":
         image_lists(a)
@@ -92,6 +116,8 @@ def run_d2v(a, modality: str, name: str, root: str) -> dict:
            "--config-name", "base_v2", f"common.user_dir={os.path.join(root, 'd2v_plugin')}",
            f"optimization.max_update={a.updates}", f"checkpoint.save_dir={a.work}/ckpt_d2v_{modality}",
            f"hydra.run.dir={a.work}/hydra_d2v_{modality}"] + COMMON + d2v_overrides(modality, a.work)
+    if precision == "bf16":
+        cmd.append("common.bf16=true")
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=root)
     with open(log, "w") as f:
         res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=root)
@@ -113,6 +139,7 @@ def main():
     ap.add_argument("--variants", default=f"d2v_plugin={ROOT}",
                     help="comma-separated NAME=CHECKOUT d2v_plugin trees to time beside the reference (e.g. "
                          "before=/tmp/old,after=. for an optimisation's before/after row); the first is the headline")
+    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (fairseq's common.bf16=true, both)")
     ap.add_argument("--out", default="data/bench/vs_reference.json", help="JSON output path")
     a = ap.parse_args()
     a.ref, a.work = os.path.abspath(a.ref), os.path.abspath(a.work)
@@ -120,36 +147,59 @@ def main():
     if a.python.startswith(a.ref):  # the reference venv runs d2v_plugin too: add its one missing dependency
         subprocess.run([a.python, "-m", "pip", "install", "-q", "editdistance"], check=True, stdout=subprocess.DEVNULL)
     variants = [(v.split("=", 1)[0], os.path.abspath(v.split("=", 1)[1])) for v in a.variants.split(",")]
+    precisions = a.precision.split(",")
+    rows = [("reference", p) for p in precisions] + [(name, p) for name, _ in variants for p in precisions]
+    roots = dict(variants)
     results = {}
     for r in range(a.rounds):
         for mod in a.modalities.split(","):
-            run = {"reference": run_reference(a, mod)}
-            for name, root in variants:
-                run[name] = run_d2v(a, mod, name, root)
+            run = {}
+            for who, prec in (rows if r % 2 == 0 else rows[::-1]):  # alternate the order between rounds
+                try:
+                    run[f"{who} {prec}"] = (run_reference(a, mod, prec) if who == "reference"
+                                            else run_d2v(a, mod, who, roots[who], prec))
+                except (subprocess.CalledProcessError, RuntimeError, SystemExit) as e:
+                    run[f"{who} {prec}"] = {"error": str(e)[-300:]}
             results.setdefault(mod, []).append(run)
-            ref = run["reference"]["sec_per_update"]
-            print(f"round {r + 1} {mod}: reference {ref:.3f} s/update, " + ", ".join(
-                f"{n} {run[n]['sec_per_update']:.3f} ({ref / run[n]['sec_per_update']:.2f}x)" for n, _ in variants),
+            print(f"round {r + 1} {mod}: " + ", ".join(
+                f"{k} {v['sec_per_update']:.3f} s/update" if "error" not in v else f"{k} FAILED" for k, v in run.items()),
                 file=sys.stderr)
     torch_version = subprocess.run([a.python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
                                    text=True).stdout.strip()
     cpu = cpu_name()
     print(f"CPU: {cpu}, OMP_NUM_THREADS={a.threads}, torch {torch_version}; {a.updates} updates per run, "
-          f"{a.rounds} rounds; medians (speedup = reference s/update / d2v_plugin s/update, per round, then median)")
-    print(f"{'modality':<8} {'variant':<12} {'s/update':>9} {'speedup':>8} {'per round':>18} {'peak MiB':>9}")
+          f"{a.rounds} rounds; medians (speedup = reference s/update / d2v_plugin s/update in the same precision, "
+          "per round, then median)")
+    print(f"{'modality':<8} {'variant':<12} {'prec':<5} {'s/update':>9} {'speedup':>8} {'per round':>18} {'peak MiB':>9}")
     summary = {}
     for mod, runs in results.items():
-        med = lambda who, key: statistics.median(x[who][key] for x in runs)  # noqa: E731
-        summary[mod] = {"reference": dict(sec_per_update=med("reference", "sec_per_update"),
-                                          peak_rss_mib=med("reference", "peak_rss_mib"))}
-        print(f"{mod:<8} {'reference':<12} {summary[mod]['reference']['sec_per_update']:>9.3f} {'1.00x':>8} {'':>18} "
-              f"{summary[mod]['reference']['peak_rss_mib']:>9.0f}")
-        for name, _ in variants:
-            ratios = [x["reference"]["sec_per_update"] / x[name]["sec_per_update"] for x in runs]
-            s = summary[mod][name] = dict(sec_per_update=med(name, "sec_per_update"), speedup=statistics.median(ratios),
-                                          speedups=ratios, peak_rss_mib=med(name, "peak_rss_mib"))
-            print(f"{mod:<8} {name:<12} {s['sec_per_update']:>9.3f} {s['speedup']:>7.2f}x "
+        summary[mod] = {}
+        for who, prec in rows:
+            key = f"{who} {prec}"
+            ok = [x[key] for x in runs if "error" not in x[key]]
+            if not ok:
+                summary[mod][key] = {"error": runs[0][key]["error"]}
+                print(f"{mod:<8} {who:<12} {prec:<5} {'failed: ' + runs[0][key]['error'].splitlines()[-1][:60]:>40}")
+                continue
+            s = summary[mod][key] = dict(sec_per_update=statistics.median(x["sec_per_update"] for x in ok),
+                                         peak_rss_mib=statistics.median(x["peak_rss_mib"] for x in ok))
+            ref = f"reference {prec}"
+            ratios = [x[ref]["sec_per_update"] / x[key]["sec_per_update"] for x in runs
+                      if who != "reference" and "error" not in x[key] and "error" not in x[ref]]
+            if ratios:
+                s.update(speedup=statistics.median(ratios), speedups=ratios)
+            speedup = f"{s['speedup']:.2f}x" if ratios else "1.00x" if who == "reference" else ""
+            print(f"{mod:<8} {who:<12} {prec:<5} {s['sec_per_update']:>9.3f} {speedup:>8} "
                   f"{' '.join(f'{x:.2f}' for x in ratios):>18} {s['peak_rss_mib']:>9.0f}")
+        best = lambda who: min((v["sec_per_update"], k) for k, v in summary[mod].items()  # noqa: E731
+                               if k.startswith(who + " ") and "error" not in v)
+        headline = variants[0][0]
+        mine, theirs = best(headline), best("reference")
+        summary[mod]["best"] = {"d2v_plugin": mine[1], "reference": theirs[1], "speedup": theirs[0] / mine[0],
+                                "reference_fp32_speedup": summary[mod].get("reference fp32", {}).get("sec_per_update",
+                                                                                                    float("nan")) / mine[0]}
+        print(f"{mod:<8} best modes: {mine[1]} {mine[0]:.3f} vs {theirs[1]} {theirs[0]:.3f} s/update: "
+              f"{theirs[0] / mine[0]:.2f}x")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"cpu": cpu, "threads": a.threads, "torch": torch_version, "updates": a.updates, "command": " ".join(sys.argv),

@@ -154,40 +154,58 @@ class Extractor:
             raise ExtractError(f"--layer {layer!r}: choose {LAYERS.replace('depth', str(depth))}")
         return n - 1
 
+    def batches(self, inputs: Sequence, batch_size: int, sort: bool = True, window: int = 32):
+        """-> (positions in ``inputs``, sources) per batch. ``sort``: inputs are read ``window``
+        batches at a time and batched by length, longest first, so that batches hold little
+        padding (speech and text of mixed lengths); callers put results back by position. The
+        features do not depend on the batch (padded positions are masked), only the time does."""
+        step = batch_size * (window if sort else 1)
+        for start in range(0, len(inputs), step):
+            chunk = [self.read(x) for x in inputs[start : start + step]]
+            order = sorted(range(len(chunk)), key=lambda i: -len(chunk[i])) if sort else list(range(len(chunk)))
+            for b in range(0, len(order), batch_size):
+                idx = order[b : b + batch_size]
+                yield [start + i for i in idx], [chunk[i] for i in idx]
+
     def extract(self, inputs: Iterable, layer="last", pool: str = "none", batch_size: int = 8,
-                progress: bool = False, hidden_states: bool = False) -> List:
-        """inputs: paths (audio, image) or sentences (text) -> one float32 array per input:
-        (T, D) / (L, T, D) with ``pool="none"`` (padding removed), (D,) / (L, D) with ``"mean"``.
-        ``hidden_states=True``: one ``HiddenStates`` per input instead (every layer, lengths,
-        pooled vectors; ``layer`` and ``pool`` are not used)."""
+                progress: bool = False, hidden_states: bool = False, sort: bool = True) -> List:
+        """inputs: paths (audio, image) or sentences (text) -> one float32 array per input, in
+        input order: (T, D) / (L, T, D) with ``pool="none"`` (padding removed), (D,) / (L, D) with
+        ``"mean"``. ``hidden_states=True``: one ``HiddenStates`` per input instead (every layer,
+        lengths, pooled vectors; ``layer`` and ``pool`` are not used). ``sort``: see ``batches``."""
         if pool not in ("none", "mean"):
             raise ExtractError(f"pool={pool!r}: choose none or mean")
         if layer not in ("last", "avg_top_k", "all"):
             self.block_index(layer)
         inputs = list(inputs)
-        results: List = []
+        results: List = [None] * len(inputs)
         bar = _progress(len(inputs), progress)
-        for start in range(0, len(inputs), batch_size):
-            sources = [self.read(x) for x in inputs[start : start + batch_size]]
+        for positions, sources in self.batches(inputs, batch_size, sort):
+            items = [inputs[i] for i in positions]
             if hidden_states:
-                results += self._hidden_states(inputs[start : start + batch_size], *self.batch(sources))
-                bar.update(len(sources))
-                continue
-            feats, pad = self.features(*self.batch(sources), layer=layer)
-            time_axis = feats.dim() - 2  # (B, T, D) -> 1; (B, L, T, D) -> 2
-            for b in range(len(sources)):
-                x = feats[b]
-                if pad is not None:
-                    x = x.narrow(time_axis - 1, 0, int((~pad[b]).sum()))
-                out = (x.mean(time_axis - 1) if pool == "mean" else x).float().numpy()
-                if out.size == 0 or not np.isfinite(out).all():
-                    what = "no frames" if out.size == 0 else "NaN or infinite values"
-                    raise ExtractError(f"{inputs[start + b]}: the features have {what} ({self.path}); "
-                                       "check the input and the checkpoint (a diverged run gives NaN weights)")
-                results.append(out)
+                outs = self._hidden_states(items, *self.batch(sources))
+            else:
+                outs = self._features(items, *self.features(*self.batch(sources), layer=layer), pool)
+            for i, out in zip(positions, outs):
+                results[i] = out
             bar.update(len(sources))
         bar.close()
         return results
+
+    def _features(self, items: Sequence, feats: torch.Tensor, pad: Optional[torch.Tensor], pool: str) -> List[np.ndarray]:
+        time_axis = feats.dim() - 2  # (B, T, D) -> 1; (B, L, T, D) -> 2
+        outs = []
+        for b, item in enumerate(items):
+            x = feats[b]
+            if pad is not None:
+                x = x.narrow(time_axis - 1, 0, int((~pad[b]).sum()))
+            out = (x.mean(time_axis - 1) if pool == "mean" else x).float().numpy()
+            if out.size == 0 or not np.isfinite(out).all():
+                what = "no frames" if out.size == 0 else "NaN or infinite values"
+                raise ExtractError(f"{item}: the features have {what} ({self.path}); "
+                                   "check the input and the checkpoint (a diverged run gives NaN weights)")
+            outs.append(out)
+        return outs
 
     def _hidden_states(self, items: Sequence, source: torch.Tensor, padding_mask: Optional[torch.Tensor]) -> List["HiddenStates"]:
         states, pad = self.hidden(source, padding_mask)

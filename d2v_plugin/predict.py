@@ -63,21 +63,24 @@ class Predictor(Extractor):
         out = self.net(self._cast(source), padding_mask)
         return {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in out.items()}
 
-    def predict(self, inputs: Iterable, batch_size: int = 8, progress: bool = False, decoder=None) -> List[Prediction]:
-        """inputs: paths (audio, image) or sentences (text) -> one ``Prediction`` each.
-        ``decoder``: a ``ctc_decoding.DecoderSettings`` for speech recognition (default: best path)."""
+    def predict(self, inputs: Iterable, batch_size: int = 8, progress: bool = False, decoder=None,
+                sort: bool = True) -> List[Prediction]:
+        """inputs: paths (audio, image) or sentences (text) -> one ``Prediction`` each, in input
+        order. ``decoder``: a ``ctc_decoding.DecoderSettings`` for speech recognition (default:
+        best path). ``sort``: batch by length (``Extractor.batches``)."""
         inputs = [str(x) for x in inputs]
         ctc = self._ctc_decoder(decoder) if self.kind == "d2v_ctc" else None
-        results: List[Prediction] = []
+        results: List[Prediction] = [None] * len(inputs)
         bar = _progress(len(inputs), progress)
-        for start in range(0, len(inputs), batch_size):
-            items = inputs[start : start + batch_size]
-            out = self.logits(*self.batch([self.read(x) for x in items]))
+        for positions, sources in self.batches(inputs, batch_size, sort):
+            items = [inputs[i] for i in positions]
+            out = self.logits(*self.batch(sources))
             for b, item in enumerate(items):
                 if not torch.isfinite(out["logits"][b]).all():
                     raise ExtractError(f"{item}: the model's output has NaN or infinite values ({self.path}); "
                                        "check the input and the checkpoint (a diverged run gives NaN weights)")
-            results += self._ctc(items, out, ctc) if ctc else self._classes(items, out["logits"])
+            for i, r in zip(positions, self._ctc(items, out, ctc) if ctc else self._classes(items, out["logits"])):
+                results[i] = r
             bar.update(len(items))
         bar.close()
         return results
