@@ -494,3 +494,20 @@ print("ok", [m for m in sys.modules if m.startswith("fairseq") and sys.modules[m
                           *ckpts["wavs"], "--out", str(tmp_path / "x.tsv")], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 1 and "has no head to predict with" in res.stderr and "Traceback" not in res.stderr
     assert not (tmp_path / "x.tsv").exists()
+
+
+@pytest.mark.slow
+def test_batching_by_length_keeps_the_input_order_and_the_features(ckpts, tmp_path):
+    rng = np.random.RandomState(2)
+    files = []
+    for i, n in enumerate((9000, 30000, 12000, 26000, 16000)):
+        sf.write(tmp_path / f"m{i}.wav", (0.1 * rng.randn(n)).astype("float32"), 16000)
+        files.append(str(tmp_path / f"m{i}.wav"))
+    ex = d2v_plugin.load(str(ckpts["audio_v1"]))
+    batches = list(ex.batches(files, 2))
+    assert [p for p, _ in batches] == [[1, 3], [4, 2], [0]]  # longest first
+    alone = [ex.extract([f])[0] for f in files]
+    for sort in (True, False):
+        got = ex.extract(files, batch_size=2, sort=sort)
+        assert [g.shape for g in got] == [a.shape for a in alone]
+        assert max(np.abs(g - a).max() for g, a in zip(got, alone)) <= 1e-5
