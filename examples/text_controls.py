@@ -171,7 +171,7 @@ def pretrain_method(method: str, data: str, work: str, a) -> dict:
     run = {"calibrated_ups": ups, "planned_updates": updates}
     resumed = fixed and os.path.isfile(f"{save}/checkpoint_last.pt") and os.path.isfile(log)
     if resumed:  # an interrupted run of a fixed update count: fairseq resumes exactly from checkpoint_last.pt
-        walls = re.findall(r"train_inner.*?num_updates=(\d+).*?wall=(\d+)", open(log).read())
+        walls = re.findall(r"train_inner.*?num_updates=(\d+).*?[ ,]wall=(\d+)", open(log).read())
         at = torch.load(f"{save}/checkpoint_last.pt", map_location="cpu", weights_only=False)["optimizer_history"][-1]["num_updates"]
         before = max((int(w) for u, w in walls if int(u) <= at), default=0)
         print(f"{method}: resuming the interrupted pretraining in {save} at update {at}", flush=True)
