@@ -205,11 +205,12 @@ def main():
             rows.append({"impl": impl, "modality": mod, "size": sz, "precision": prec, "median_pass_s": med,
                          "files_per_s": a.files / med, "peak_mib": statistics.median(v["peak"]), "passes": len(v["times"])})
         for prec in a.precision.split(","):
-            p = np.load(os.path.join(work, f"feats_plugin_audio_{size}_{prec}.npz"))
             h = np.load(os.path.join(work, f"feats_hf_audio_{size}_{prec}.npz"))
-            diff = max(float(np.abs(p[k] - h[k]).max()) for k in p.files)
-            checks.append({"size": size, "precision": prec, "max_abs_diff": diff,
-                           "shapes_equal": all(p[k].shape == h[k].shape for k in p.files)})
+            for impl in ("plugin_inorder", "plugin"):
+                p = np.load(os.path.join(work, f"feats_{impl}_audio_{size}_{prec}.npz"))
+                diff = max(float(np.abs(p[k] - h[k]).max()) for k in p.files)
+                checks.append({"impl": impl, "size": size, "precision": prec, "max_abs_diff": diff,
+                               "shapes_equal": all(p[k].shape == h[k].shape for k in p.files)})
     from pretrain import device_name
 
     print(f"device: {device_name('cpu')}; {a.threads} threads; {a.files} files per modality, batch {a.batch_size}; "
@@ -227,8 +228,11 @@ def main():
         if hf and mine:
             r["speedup_vs_hf"] = hf["median_pass_s"] / r["median_pass_s"]
     for c in checks:
-        print(f"audio {c['size']} {c['precision']}: features of d2v_plugin vs transformers, max abs diff "
+        print(f"audio {c['size']} {c['precision']}: features of {NAMES[c['impl']]} vs transformers, max abs diff "
               f"{c['max_abs_diff']:.2e} (shapes equal: {c['shapes_equal']})")
+    print("(same batches -> the same features. Batched by length, rows differ near their ends: with padding_aware=false, "
+          "what transformers computes, the multi-layer positional conv reads the padded frames, so a row's features "
+          "depend on the rows it is batched with; the plugin's default padding_aware=true makes them batch-independent)")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         json.dump({"device": device_name("cpu"), "threads": a.threads, "files": a.files, "batch_size": a.batch_size,
