@@ -136,7 +136,13 @@ def load_finetuned(path: str, ft: Dict) -> Predictor:
     from .checkpoints import CheckpointError, finetuned_outputs, finetuned_text_files
 
     kind = ft["name"]
-    head_cfg = HEADS[kind].config_from(ft["head"], ft["model"])
+    try:
+        if not ft["encoder"]:
+            raise KeyError("encoder.*")
+        head_cfg = HEADS[kind].config_from(ft["head"], ft["model"])
+    except KeyError as e:
+        raise ExtractError(f"{path}: a fine-tuned {kind} checkpoint without its weights ({e.args[0]} missing from its "
+                           "'model' entry): the file is incomplete; use the checkpoint fairseq-train wrote") from None
     try:
         outputs = finetuned_outputs(ft, path)
         files = finetuned_text_files(ft, path) if HEADS[kind].MODALITY == "text" else None
