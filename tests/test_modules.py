@@ -297,6 +297,29 @@ def test_extract_features_and_remove_pretraining_modules():
     assert torch.allclose(model.extract_features(src, pad)["x"], out["x"])
 
 
+@pytest.mark.parametrize("algorithm", ["v1", "v2"])
+def test_eval_skips_conv_work_on_padding_with_the_same_features(algorithm):
+    """Where padded frames are zeroed before anything reads them (v1, padding_aware) and the
+    extractor normalises frame by frame (layer_norm), eval computes each row's frames from its
+    valid samples alone: the features of every layer equal the full padded computation's."""
+    model = D2vMultiModel(tiny_cfg(algorithm=algorithm, audio_extractor_mode="layer_norm")).eval()
+    enc = model.modality_encoders["audio"]
+    assert enc.trim_padding
+    src, pad = batch((4000, 3200, 1700))
+    calls = []
+    hook = enc.feature_extractor.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[-1]))
+    with torch.no_grad():
+        trimmed, frame_pad = model.hidden_states(src, pad)
+        enc.trim_padding = False
+        full, _ = model.hidden_states(src, pad)
+    hook.remove()
+    assert calls == [4000, 3200, 1700, 4000]  # one row at a time, its valid samples only; then the padded batch
+    for a, b in zip(trimmed, full):
+        torch.testing.assert_close(a[~frame_pad], b[~frame_pad], atol=1e-5, rtol=0)
+    model.train()  # training keeps the batched extractor (the golden fixtures hook its output)
+    assert model.modality_encoders["audio"].local_features(src, pad)[0].shape[0] == 3
+
+
 def test_random_text_mask_is_exact_and_spares_padding_and_ends():
     from d2v_plugin.modules.masking import MaskSettings
 

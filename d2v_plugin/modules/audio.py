@@ -20,7 +20,7 @@ from torch import Tensor
 from .decoder import ConvDecoder
 from .ema import teacher_view
 from .encoder import ModalityEncoder
-from .feature_extractor import ConvFeatureExtractor, frame_padding_mask, parse_conv_spec
+from .feature_extractor import ConvFeatureExtractor, conv_output_lengths, frame_padding_mask, parse_conv_spec
 from .masking import MaskSettings
 from .positional import ConvPositionalEncoder, alibi_bias_1d, alibi_slopes
 from .settings import Data2VecSettings
@@ -60,6 +60,10 @@ class AudioEncoder(ModalityEncoder):
         self.register_buffer("alibi_slopes", torch.tensor(alibi_slopes(s.num_heads)), persistent=False)
         self.alibi_scale = nn.Parameter(torch.ones(s.num_heads)) if a.use_alibi and a.alibi_learned_scale else None
         self.zero_padding, self.padding_aware = s.algorithm == "v1" or s.padding_aware, s.padding_aware
+        # padded frames are zeroed before anything reads them and every frame is normalised on
+        # its own: in eval mode (extraction, validation) each row's frames are computed from its
+        # valid samples alone (exact; training batches are cropped to one length anyway)
+        self.trim_padding = self.zero_padding and a.extractor_mode == "layer_norm"
         self.ema_copied = ("pos_conv",) if s.ema_copy_pos_conv else ()  # data2vec 1.0 copies, not averages
         self.masking = MaskSettings(a.mask_type, a.mask_prob, a.mask_length, a.mask_prob_adjust, s.clone_batch)
         self.mask_emb = nn.Parameter(torch.empty(D).uniform_()) if s.algorithm == "v1" else None
@@ -68,13 +72,26 @@ class AudioEncoder(ModalityEncoder):
     # -- shared by student and teacher -------------------------------------------------
     def local_features(self, source: Tensor, padding_mask: Optional[Tensor]) -> Tuple[Tensor, Optional[Tensor]]:
         """source: (B, L) waveform, padding_mask: (B, L) -> features (B, T, D), frame padding (B, T) | None."""
+        frame_pad = frame_padding_mask(padding_mask, int(conv_output_lengths(torch.tensor([source.shape[1]]), self.spec)),
+                                       self.spec)
+        if frame_pad is None or not self.trim_padding or self.training:
+            return self._frames(source), frame_pad
+        # mixed lengths: each row's valid samples alone (no conv work on padding), zeros after them
+        lengths, frames = (~padding_mask).sum(-1).tolist(), (~frame_pad).sum(-1).tolist()
+        rows = [self._frames(source[i:i + 1, :n])[0, :t] for i, (n, t) in enumerate(zip(lengths, frames))]
+        feats = rows[0].new_zeros(source.shape[0], frame_pad.shape[1], rows[0].shape[-1])
+        for i, row in enumerate(rows):
+            feats[i, :row.shape[0]] = row
+        return feats, frame_pad
+
+    def _frames(self, source: Tensor) -> Tensor:
+        """(B, L) waveform -> (B, T, D) projected conv features."""
         if self.feature_grad_mult > 0:
             feats = scale_grad(self.feature_extractor(source), self.feature_grad_mult)
         else:
             with torch.no_grad():
                 feats = self.feature_extractor(source)
-        feats = self.project(feats.transpose(1, 2))  # (B, T, D)
-        return feats, frame_padding_mask(padding_mask, feats.shape[1], self.spec)
+        return self.project(feats.transpose(1, 2))  # (B, T, D)
 
     def add_positions(self, x: Tensor, padding_mask: Optional[Tensor], zero_mask: Optional[Tensor] = None) -> Tensor:
         """x: (B, T, D) full sequence -> x + conv positions; frames in ``zero_mask`` (B, T)
