@@ -37,7 +37,7 @@ from pretrain import cpu_name  # bench/ is on sys.path when this file runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_REF = os.path.join(ROOT, "..", "shared", "reference")
-COMMON = ["common.fp16=false", "common.cpu=true", "common.log_interval=5", "common.tensorboard_logdir=null",
+COMMON = ["common.fp16=false", "common.cpu=true", "common.tensorboard_logdir=null",
           "common.seed=1", "dataset.num_workers=0", "distributed_training.distributed_world_size=1",
           "checkpoint.no_save=true", "model.depth=4", "model.embed_dim=256", "model.num_heads=4",
           "model.clone_batch=8", "model.average_top_k_layers=4", "lr_scheduler.warmup_updates=5"]
@@ -69,17 +69,19 @@ def parse_log(path: str) -> dict:
 
 
 def reference_script(a, precision: str) -> str:
-    """official_bench.sh, or for bf16 a copy of it in ``--work`` with ``common.bf16=true`` added
-    to its fairseq overrides (the script itself fixes fp32)."""
+    """official_bench.sh, or a copy of it in ``--work`` with ``common.bf16=true`` added to its
+    fairseq overrides (the script itself fixes fp32) and ``--log-interval`` put in."""
     script = os.path.join(a.ref_scripts, "official_bench.sh")
-    if precision == "fp32":
+    if precision == "fp32" and a.log_interval == 5:
         return script
     text = open(script).read()
-    if "common.fp16=false" not in text:
-        sys.exit(f"{script}: no common.fp16=false to add common.bf16=true beside; update vs_reference.py")
-    copy = os.path.join(a.work, "official_bench_bf16.sh")
+    if "common.fp16=false" not in text or "common.log_interval=5" not in text:
+        sys.exit(f"{script}: no common.fp16=false / common.log_interval=5 to edit; update vs_reference.py")
+    copy = os.path.join(a.work, f"official_bench_{precision}_log{a.log_interval}.sh")
+    bf16 = " common.bf16=true" if precision == "bf16" else ""
     with open(copy, "w") as f:
-        f.write(text.replace("common.fp16=false", "common.fp16=false common.bf16=true", 1)
+        f.write(text.replace("common.fp16=false", "common.fp16=false" + bf16, 1)
+                .replace("common.log_interval=5", f"common.log_interval={a.log_interval}", 1)
                 .replace('"$(dirname "$0")/parse_fairseq_log.py"', f'"{os.path.dirname(os.path.abspath(script))}/parse_fairseq_log.py"'))
     return copy
 
@@ -115,7 +117,8 @@ def run_d2v(a, modality: str, name: str, root: str, precision: str = "fp32") -> 
     cmd = ["/usr/bin/time", "-v", exe, "--config-dir", os.path.join(root, "config", "pretrain", modality),
            "--config-name", "base_v2", f"common.user_dir={os.path.join(root, 'd2v_plugin')}",
            f"optimization.max_update={a.updates}", f"checkpoint.save_dir={a.work}/ckpt_d2v_{modality}",
-           f"hydra.run.dir={a.work}/hydra_d2v_{modality}"] + COMMON + d2v_overrides(modality, a.work)
+           f"hydra.run.dir={a.work}/hydra_d2v_{modality}", f"common.log_interval={a.log_interval}"] + COMMON + \
+        d2v_overrides(modality, a.work)
     if precision == "bf16":
         cmd.append("common.bf16=true")
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=root)
@@ -134,7 +137,9 @@ def main():
     ap.add_argument("--python", default=None, help="python that runs d2v_plugin (default: the reference venv's)")
     ap.add_argument("--modalities", default="audio,text,image", help="comma-separated modalities")
     ap.add_argument("--rounds", type=int, default=3, help="alternating reference / d2v_plugin runs per modality")
-    ap.add_argument("--updates", type=int, default=30, help="updates per run (logged every 5)")
+    ap.add_argument("--updates", type=int, default=30, help="updates per run")
+    ap.add_argument("--log-interval", type=int, default=5,
+                    help="updates between fairseq's log lines, both implementations (the intervals timed; the first dropped)")
     ap.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS for both")
     ap.add_argument("--variants", default=f"d2v_plugin={ROOT}",
                     help="comma-separated NAME=CHECKOUT d2v_plugin trees to time beside the reference (e.g. "
@@ -167,7 +172,8 @@ def main():
     torch_version = subprocess.run([a.python, "-c", "import torch; print(torch.__version__)"], capture_output=True,
                                    text=True).stdout.strip()
     cpu = cpu_name()
-    print(f"CPU: {cpu}, OMP_NUM_THREADS={a.threads}, torch {torch_version}; {a.updates} updates per run, "
+    print(f"CPU: {cpu}, OMP_NUM_THREADS={a.threads}, torch {torch_version}; {a.updates} updates per run "
+          f"(logged every {a.log_interval}), "
           f"{a.rounds} rounds; medians (speedup = reference s/update / d2v_plugin s/update in the same precision, "
           "per round, then median)")
     print(f"{'modality':<8} {'variant':<12} {'prec':<5} {'s/update':>9} {'speedup':>8} {'per round':>18} {'peak MiB':>9}")
@@ -202,7 +208,8 @@ def main():
               f"{theirs[0] / mine[0]:.2f}x")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
-        json.dump({"cpu": cpu, "threads": a.threads, "torch": torch_version, "updates": a.updates, "command": " ".join(sys.argv),
+        json.dump({"cpu": cpu, "threads": a.threads, "torch": torch_version, "updates": a.updates,
+                   "log_interval": a.log_interval, "command": " ".join(sys.argv),
                    "variants": dict(variants), "summary": summary, "runs": results}, f, indent=1)
     print(f"wrote {a.out}")
 
