@@ -65,7 +65,11 @@ def parse_log(path: str) -> dict:
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
     if not per or not rss:
         raise RuntimeError(f"{path}: no timed intervals or no peak RSS; see the log")
-    return {"sec_per_update": statistics.median(per), "intervals": per, "peak_rss_mib": int(rss.group(1)) / 1024}
+    out = {"sec_per_update": statistics.median(per), "intervals": per, "peak_rss_mib": int(rss.group(1)) / 1024}
+    cast = re.search(r"adjusting ema dtype to torch\.(\w+)", text)  # the official model casts its teacher (ema_same_dtype)
+    if cast:
+        out["teacher_dtype"] = cast.group(1)
+    return out
 
 
 def reference_script(a, precision: str) -> str:
@@ -166,6 +170,10 @@ def main():
                 except (subprocess.CalledProcessError, RuntimeError, SystemExit) as e:
                     run[f"{who} {prec}"] = {"error": str(e)[-300:]}
             results.setdefault(mod, []).append(run)
+            for k, v in run.items():
+                if v.get("teacher_dtype", "float32") != "float32":
+                    print(f"round {r + 1} {mod}: {k}: the teacher was cast to {v['teacher_dtype']} (its log: "
+                          f"'adjusting ema dtype'): its targets are not fp32", file=sys.stderr)
             print(f"round {r + 1} {mod}: " + ", ".join(
                 f"{k} {v['sec_per_update']:.3f} s/update" if "error" not in v else f"{k} FAILED" for k, v in run.items()),
                 file=sys.stderr)
@@ -188,7 +196,8 @@ def main():
                 print(f"{mod:<8} {who:<12} {prec:<5} {'failed: ' + runs[0][key]['error'].splitlines()[-1][:60]:>40}")
                 continue
             s = summary[mod][key] = dict(sec_per_update=statistics.median(x["sec_per_update"] for x in ok),
-                                         peak_rss_mib=statistics.median(x["peak_rss_mib"] for x in ok))
+                                         peak_rss_mib=statistics.median(x["peak_rss_mib"] for x in ok),
+                                         teacher_dtype=ok[0].get("teacher_dtype", "float32"))
             ref = f"reference {prec}"
             ratios = [x[ref]["sec_per_update"] / x[key]["sec_per_update"] for x in runs
                       if who != "reference" and "error" not in x[key] and "error" not in x[ref]]

@@ -19,11 +19,12 @@ Each method first runs ``--calibrate`` updates to measure its speed, then ``budg
 updates/s`` updates (schedule and EMA annealing over that run, fairseq's ``stop_time_hours``
 as the hard limit). Every checkpoint is then scored the same way:
 
-* fine-tuning: config/finetune/text/tiny.yaml on the 2,000 labelled snippets, one run per
-  ``--seeds``, scored on the held-out movies with `fairseq-validate` (accuracy); random
-  initialisation of each architecture (2.0 blocks; 1.0 / RoBERTa) with the same seeds is
-  the baseline; the best validation accuracy is recorded beside it, to choose between
-  fine-tuning variants (``--ft-set``, e.g. the lr) on the validation movies;
+* fine-tuning: config/finetune/text/tiny.yaml on the 2,000 labelled snippets (``--labelled
+  N``: N evenly spaced ones, with their own files and keys), one run per ``--seeds``,
+  scored on the held-out movies with `fairseq-validate` (accuracy); random initialisation
+  of each architecture (2.0 blocks; 1.0 / RoBERTa) with the same seeds is the baseline;
+  the best validation accuracy is recorded beside it, to choose between fine-tuning
+  variants (``--ft-set``, e.g. the lr) on the validation movies;
 * a frozen-encoder probe: the mean-pooled output of every block, logistic regression on
   the 2,000 labelled snippets; the block is chosen on the validation movies, and its test
   accuracy reported.
@@ -47,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from demo_common import BIN, PY, REPO, fairseq_validate, hydra_train, losses, sh, user_dir  # noqa: E402
-from text_demo import build_data  # noqa: E402
+from text_demo import build_data, labelled_suffix  # noqa: E402
 
 METHODS = ("d2v_v2", "d2v_v1", "roberta", "official_v2", "official_v1")
 ARCH = {"d2v_v2": "v2", "official_v2": "v2", "d2v_v1": "v1", "official_v1": "v1", "roberta": "v1"}
@@ -243,7 +244,7 @@ def sentences(path: str):
     return [r[0] for r in rows], [r[-1] for r in rows]
 
 
-def probe(ckpt: str, raw: str, random_seed=None) -> dict:
+def probe(ckpt: str, raw: str, random_seed=None, labelled: int = 2000) -> dict:
     """Block-wise frozen probe -> {"layer": chosen block (1-based), "valid": %, "test": %}."""
     import d2v_plugin
     from d2v_plugin.modules.data2vec import Data2Vec
@@ -256,7 +257,7 @@ def probe(ckpt: str, raw: str, random_seed=None) -> dict:
         model.remove_pretraining_modules("text")
         ex.model, ex.encoder = model.eval(), model.modality_encoders["text"]
     splits = {}
-    for split, name in (("train", "train_labelled"), ("valid", "valid"), ("test", "test")):
+    for split, name in (("train", "train_labelled" + labelled_suffix(labelled)), ("valid", "valid"), ("test", "test")):
         text, labels = sentences(f"{raw}/sentiment/{name}.tsv")
         feats = torch.from_numpy(np.stack(ex.extract(text, layer="all", pool="mean", batch_size=64)))
         splits[split] = (feats, labels)
@@ -310,11 +311,11 @@ def main():
     os.makedirs(ctl, exist_ok=True)
     results = json.load(open(a.out)) if os.path.isfile(a.out) else {}
     for method in methods:
-        variant = finetune_variant(a.ft_set)
+        variant = labelled_suffix(a.labelled) + finetune_variant(a.ft_set)
         key, baseline = method + a.tag + variant, f"random_{ARCH[method]}{variant}"
         r = pretrain_method(method, data, ctl, a)
         r.update(finetune_seeds(r["checkpoint"], False, seeds, cls, ctl, key, a))
-        r["probe"] = probe(r["checkpoint"], raw)
+        r["probe"] = probe(r["checkpoint"], raw, labelled=a.labelled)
         r["set"] = a.set if method != "roberta" else []
         results[key] = r
         with open(a.out, "w") as f:
@@ -322,7 +323,7 @@ def main():
         print(f"{key}: {r['updates']} updates in {r['seconds']:.0f} s; fine-tuned {r['finetune']}; probe {r['probe']}", flush=True)
         if not a.no_baseline and baseline not in results:
             results[baseline] = {**finetune_seeds(r["checkpoint"], True, seeds, cls, ctl, baseline, a),
-                                 "probe": probe(r["checkpoint"], raw, random_seed=seeds[0])}
+                                 "probe": probe(r["checkpoint"], raw, random_seed=seeds[0], labelled=a.labelled)}
             print(f"{baseline}: {results[baseline]}", flush=True)
         with open(a.out, "w") as f:
             json.dump(results, f, indent=1)

@@ -22,6 +22,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from demo_common import PY, compare, curve_text, fairseq_validate, finetune_runs, loss_fell, pretrain, sh  # noqa: E402
 
 
+def labelled_suffix(labelled: int) -> str:
+    """'' for the demo's 2,000 labelled snippets, else '_l{N}' (file and folder suffix)."""
+    return "" if labelled == 2000 else f"_l{labelled}"
+
+
 def build_data(work: str, labelled: int, articles: int = 0, no_reviews: bool = False):
     """Sample text, sentencepiece + fairseq-preprocess, and the labelled sentiment splits
     (built once, reused) -> (pretraining data folder, classification data folder)."""
@@ -39,9 +44,11 @@ def build_data(work: str, labelled: int, articles: int = 0, no_reviews: bool = F
         sh([PY, "-m", "d2v_plugin.prep.text", corpus, "--dest", data, "--vocab-size", "8000", "--valid-percent", "0.02"])
     with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
         rows = f.readlines()
-    with open(f"{raw}/sentiment/train_labelled.tsv", "w", encoding="utf-8") as f:
+    suffix = labelled_suffix(labelled)  # other label counts get their own files, so runs can share the work folder
+    cls = f"{cls}{suffix}"
+    with open(f"{raw}/sentiment/train_labelled{suffix}.tsv", "w", encoding="utf-8") as f:
         f.writelines(rows[:: max(1, len(rows) // labelled)][:labelled])
-    sh([PY, "-m", "d2v_plugin.prep.text_classification", "--train", f"{raw}/sentiment/train_labelled.tsv", "--valid",
+    sh([PY, "-m", "d2v_plugin.prep.text_classification", "--train", f"{raw}/sentiment/train_labelled{suffix}.tsv", "--valid",
         f"{raw}/sentiment/valid.tsv", "--test", f"{raw}/sentiment/test.tsv", "--text-data", data, "--dest", cls])
     return data, cls
 
