@@ -48,7 +48,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from demo_common import BIN, PY, REPO, fairseq_validate, hydra_train, losses, sh, user_dir  # noqa: E402
-from text_demo import build_data, labelled_suffix  # noqa: E402
+from text_demo import build_data, labelled_suffix, vocab_suffix  # noqa: E402
 
 METHODS = ("d2v_v2", "d2v_v1", "roberta", "official_v2", "official_v1")
 ARCH = {"d2v_v2": "v2", "official_v2": "v2", "d2v_v1": "v1", "official_v1": "v1", "roberta": "v1"}
@@ -288,6 +288,8 @@ def main():
     ap.add_argument("--seed", type=int, default=1, help="pretraining seed")
     ap.add_argument("--labelled", type=int, default=2000, help="labelled training snippets")
     ap.add_argument("--ft-updates", type=int, default=400, help="fine-tuning updates per run")
+    ap.add_argument("--vocab-size", type=int, default=8000,
+                    help="sentencepiece pieces of the pretraining data (every method and baseline; own folders and keys)")
     ap.add_argument("--set", action="append", default=[],
                     help="KEY=VALUE override of the data2vec pretraining (repeatable); model.* keys of the tiny YAML "
                          "apply to the official code too")
@@ -306,12 +308,12 @@ def main():
         raise SystemExit(f"--methods: unknown {', '.join(unknown)} (choose from {', '.join(METHODS)})")
     seeds = [int(s) for s in a.seeds.split(",")]
     work = os.path.abspath(a.work)
-    data, cls = build_data(work, a.labelled)
-    raw, ctl = f"{work}/text", f"{work}/text_controls"
+    data, cls = build_data(work, a.labelled, vocab_size=a.vocab_size)
+    raw, ctl = f"{work}/text", f"{work}/text_controls{vocab_suffix(a.vocab_size)}"  # other vocabularies: own runs
     os.makedirs(ctl, exist_ok=True)
     results = json.load(open(a.out)) if os.path.isfile(a.out) else {}
     for method in methods:
-        variant = labelled_suffix(a.labelled) + finetune_variant(a.ft_set)
+        variant = labelled_suffix(a.labelled) + vocab_suffix(a.vocab_size) + finetune_variant(a.ft_set)
         key, baseline = method + a.tag + variant, f"random_{ARCH[method]}{variant}"
         r = pretrain_method(method, data, ctl, a)
         r.update(finetune_seeds(r["checkpoint"], False, seeds, cls, ctl, key, a))

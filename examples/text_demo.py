@@ -27,7 +27,12 @@ def labelled_suffix(labelled: int) -> str:
     return "" if labelled == 2000 else f"_l{labelled}"
 
 
-def build_data(work: str, labelled: int, articles: int = 0, no_reviews: bool = False):
+def vocab_suffix(vocab_size: int) -> str:
+    """'' for the demo's 8,000-piece sentencepiece vocabulary, else '_v{N}' (folder and key suffix)."""
+    return "" if vocab_size == 8000 else f"_v{vocab_size}"
+
+
+def build_data(work: str, labelled: int, articles: int = 0, no_reviews: bool = False, vocab_size: int = 8000):
     """Sample text, sentencepiece + fairseq-preprocess, and the labelled sentiment splits
     (built once, reused) -> (pretraining data folder, classification data folder)."""
     raw, data, cls = f"{work}/text", f"{work}/text/data", f"{work}/text/cls"
@@ -40,12 +45,13 @@ def build_data(work: str, labelled: int, articles: int = 0, no_reviews: bool = F
         with open(f"{raw}/news.txt", encoding="utf-8") as f, open(corpus, "w", encoding="utf-8") as out:
             out.writelines(list(f) + reviews)
         data = f"{raw}/data_news_reviews"
+    data += vocab_suffix(vocab_size)
     if not os.path.isfile(f"{data}/train.bin"):
-        sh([PY, "-m", "d2v_plugin.prep.text", corpus, "--dest", data, "--vocab-size", "8000", "--valid-percent", "0.02"])
+        sh([PY, "-m", "d2v_plugin.prep.text", corpus, "--dest", data, "--vocab-size", str(vocab_size), "--valid-percent", "0.02"])
     with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
         rows = f.readlines()
     suffix = labelled_suffix(labelled)  # other label counts get their own files, so runs can share the work folder
-    cls = f"{cls}{suffix}"
+    cls = f"{cls}{suffix}{vocab_suffix(vocab_size)}"
     with open(f"{raw}/sentiment/train_labelled{suffix}.tsv", "w", encoding="utf-8") as f:
         f.writelines(rows[:: max(1, len(rows) // labelled)][:labelled])
     sh([PY, "-m", "d2v_plugin.prep.text_classification", "--train", f"{raw}/sentiment/train_labelled{suffix}.tsv", "--valid",

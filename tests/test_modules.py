@@ -12,7 +12,7 @@ from d2v_plugin.modules.loss import CollapseError, CollapseMonitor, channel_std,
 from d2v_plugin.modules.masking import block_mask_1d, kept_positions, seeded_generator, span_mask_1d
 from d2v_plugin.modules.positional import alibi_bias_1d, alibi_slopes
 from d2v_plugin.modules.targets import build_targets
-from d2v_plugin.modules.transformer import Block
+from d2v_plugin.modules.transformer import Attention, Block, attention_bias, explicit_attention
 
 from .conftest import tiny_cfg
 
@@ -240,6 +240,41 @@ def test_post_ln_block_by_hand():
     out, t = blk(x)
     h = blk.norm1(x + blk.attn(x, None))
     assert torch.allclose(t, blk.mlp(h), atol=1e-6) and torch.allclose(out, blk.norm2(h + t), atol=1e-6)
+
+
+def attention_by_hand(q, k, v, allowed):
+    """softmax over the allowed keys of q.k / sqrt(d), one query at a time, in float64."""
+    q, k, v = q.double(), k.double(), v.double()
+    out = torch.zeros_like(q)
+    for b, h, t in torch.cartesian_prod(*(torch.arange(n) for n in q.shape[:3])).tolist():
+        s = (k[b, h] @ q[b, h, t]) / math.sqrt(q.shape[-1])
+        s = s.masked_fill(~allowed[b], float("-inf"))
+        out[b, h, t] = s.softmax(0) @ v[b, h]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_explicit_attention_is_attention_with_padding_and_alibi(dtype):
+    """The bf16/fp16 CPU path (explicit_attention) and the fused kernel both compute attention by
+    hand, with a padding mask and with an additive (ALiBi-like) bias; a bf16 Attention module
+    on the CPU takes the explicit path and agrees with its fp32 self within bf16 rounding."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 6, 8, generator=g) for _ in range(3))
+    pad = torch.tensor([[False] * 6, [False] * 4 + [True] * 2])
+    mask = attention_bias(pad, None, torch.float32)  # (B, 1, 1, K) bool
+    want = attention_by_hand(q, k, v, ~pad)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    got = explicit_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask, 0.0).double()
+    assert (got - want).abs().max() < tol
+    assert (F.scaled_dot_product_attention(q, k, v, attn_mask=mask).double() - want).abs().max() < 1e-5
+    alibi = -torch.rand(2, 3, 6, 6, generator=g)
+    bias = attention_bias(pad, alibi, torch.float32)
+    fused = F.scaled_dot_product_attention(q, k, v, attn_mask=bias).double()
+    assert (explicit_attention(q.to(dtype), k.to(dtype), v.to(dtype), bias.to(dtype), 0.0).double() - fused).abs().max() < tol
+    attn = Attention(8, 2).eval()
+    x = torch.randn(2, 6, 8, generator=g)
+    ref = attn(x, mask)
+    assert (attn.to(torch.bfloat16)(x.bfloat16(), mask).float() - ref).abs().max() < 5e-2
 
 
 def test_alibi_matches_reference_components():

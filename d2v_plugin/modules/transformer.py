@@ -6,7 +6,9 @@ targets are built from the latter (data2vec 1.0 §3.3: "the output of the FFN pr
 to the last residual connection").
 
 Attention runs through ``F.scaled_dot_product_attention``; padding and ALiBi enter
-as one additive bias, so any fused kernel PyTorch picks gets both.
+as one additive bias, so any fused kernel PyTorch picks gets both. A bf16/fp16 student
+on a CPU computes the same attention as two matrix products (``explicit_attention``):
+there the fused kernel is the slowest part of the step.
 """
 from __future__ import annotations
 
@@ -36,6 +38,21 @@ def attention_bias(
     return bias
 
 
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float) -> Tensor:
+    """softmax(q k^T / sqrt(d) + bias) v as two batched matrix products: (B, H, T, d) -> (B, H, T, d).
+
+    What ``F.scaled_dot_product_attention`` computes, for bf16/fp16 on a CPU, where its fused
+    kernel runs 2-8x slower than these products (``bench/attention.py``). The CPU softmax of a
+    bf16 tensor computes in fp32 and rounds its output once, bit for bit what the reference's
+    ``softmax(dtype=float32).to(bf16)`` gives, without the fp32 copy. bias: a bool "may
+    attend" mask (B, 1, 1, K) or an additive float bias (B, H|1, T, K)."""
+    scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)  # (B, H, T, K)
+    if bias is not None:
+        scores = scores.masked_fill(~bias, float("-inf")) if bias.dtype == torch.bool else scores + bias
+    probs = F.dropout(scores.softmax(dim=-1), dropout_p) if dropout_p > 0 else scores.softmax(dim=-1)
+    return probs @ v
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one fused qkv projection."""
 
@@ -55,9 +72,11 @@ class Attention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, T, D/H)
         if bias is not None and bias.dtype != torch.bool:
             bias = bias.to(q.dtype)
-        x = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias, dropout_p=self.attention_dropout if self.training else 0.0
-        )  # (B, H, T, D/H)
+        p = self.attention_dropout if self.training else 0.0
+        if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16):
+            x = explicit_attention(q, k, v, bias, p)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, H, T, D/H)
         x = x.transpose(1, 2).reshape(B, T, D)
         return self.proj_dropout(self.proj(x))
 
