@@ -22,13 +22,14 @@ import torch.nn.functional as F
 
 from d2v_plugin.modules.transformer import explicit_attention
 
-# (name, B, H, T, head dim): students see the kept tokens of clone_batch views, teachers all tokens
+# (name, B, H, T, head dim): v2 students see the kept tokens of clone_batch views; v1 students, fine-tuning
+# and the (fp32) teacher see every token
 SHAPES = [("image student (16 x 8 views, 13 kept patches)", 128, 4, 13, 64),
-          ("image teacher (16 images, 65 tokens)", 16, 4, 65, 64),
+          ("image full sequence (16 images, 65 tokens)", 16, 4, 65, 64),
           ("text student (8 x 8 views, 62 kept tokens)", 64, 4, 62, 64),
-          ("text teacher (8 blocks, 128 tokens)", 8, 4, 128, 64),
+          ("text full sequence (8 blocks, 128 tokens)", 8, 4, 128, 64),
           ("speech student (4 x 8 views, 60 kept frames)", 32, 4, 60, 64),
-          ("base text teacher (4 blocks, 512 tokens)", 4, 12, 512, 64)]
+          ("base text full sequence (4 x 512 tokens)", 4, 12, 512, 64)]
 
 
 def time_one(fn, q, k, v, mask, runs: int) -> float:

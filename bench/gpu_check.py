@@ -19,7 +19,8 @@ def check(log: str, ckpt: str, rc: int) -> tuple:
     if rc:
         problems.append(f"fairseq-hydra-train exited with {rc}")
     text = open(log, errors="replace").read()
-    losses = [float(x) for x in re.findall(r'train_inner.*?"loss": "([^"]+)"', text)]
+    # fairseq's simple (loss=1.23,) and json ("loss": "1.23") log formats
+    losses = [float(x) for x in re.findall(r'train_inner.*?(?:"loss": "|[ |]loss=)([^",\s]+)', text)]
     if len(losses) < 2:
         problems.append(f"{len(losses)} logged losses (need 2)")
     elif not all(math.isfinite(x) for x in losses):

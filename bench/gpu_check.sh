@@ -7,9 +7,11 @@
 #      common.bf16=true, 60 updates: no NaN/inf loss, the loss falls, the saved teacher
 #      (_ema) is fp32 and finite (bench/gpu_check.py);
 #   2. bench/pretrain.py --device cuda at base size (v2, clone_batch 8): fp32, bf16, fp16 and
-#      bf16 autocast, with achieved TFLOP/s, the GPU's own matrix-product rate and MFU.
+#      bf16 autocast, with achieved TFLOP/s, the GPU's own matrix-product rate and MFU;
+#   3. with .gpu/ref (gpu_prepare.sh REF): bench/vs_reference.py --device cuda, the official code
+#      and the plugin at the same settings, fp32 / bf16 / fp16, one round.
 # Writes everything under $OUT (the device tool brings it back): gpu_check.log, train_*.log,
-# pretrain_cuda.json. Exit status: non-zero when any check failed.
+# pretrain_cuda.json, vs_reference_cuda.json. Exit status: non-zero when any check failed.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -39,7 +41,20 @@ for mod in audio image text; do
     python3 bench/gpu_check.py "$log" "$save/checkpoint_last.pt" "$mod $prec" --rc $rc || fails=$((fails + 1))
   done
 done
-timeout 240 python3 bench/pretrain.py --device cuda --sizes base --algorithms v2 --base-clones 8 \
+timeout 150 python3 bench/pretrain.py --device cuda --sizes base --algorithms v2 --base-clones 8 \
   --precision fp32,bf16,fp16,autocast --reps 5 --out "$OUT/pretrain_cuda.json" || fails=$((fails + 1))
+if [[ -d $G/ref/root ]]; then  # the side by side with the official code: a reference "venv" of this python
+  R=/tmp/d2v_ref W=/tmp/d2v_gpu_vsr
+  mkdir -p $R/venv/bin $W && ln -sfn $PWD/$G/ref/root $R/root && cp -a $G/ref/vsr/text $W/
+  printf '#!/bin/sh\nexec python3 "$@"\n' > $R/venv/bin/python
+  chmod +x $R/venv/bin/python
+  printf '#!/bin/sh\nexec python3 -m fairseq_cli.hydra_train "$@"\n' > $R/venv/bin/fairseq-hydra-train
+  chmod +x $R/venv/bin/fairseq-hydra-train
+  timeout 200 python3 bench/vs_reference.py --ref $R --work $W --ref-scripts $G/ref/scripts --python $R/venv/bin/python \
+    --device cuda --rounds 1 --updates 30 --precision fp32,bf16,fp16 --out "$OUT/vs_reference_cuda.json" \
+    || fails=$((fails + 1))
+else
+  echo "gpu_check.sh: no $G/ref (bench/gpu_prepare.sh REF makes it): no side by side with the official code"
+fi
 echo "gpu_check.sh: $fails check(s) failed"
 exit $((fails > 0))

@@ -58,6 +58,14 @@ def d2v_overrides(modality: str, work: str) -> list:
             "model.image_decoder_layers=3"]
 
 
+TIME = ["/usr/bin/time", "-v"] if os.path.exists("/usr/bin/time") else []  # peak RSS; absent on some GPU images
+
+
+def common(a) -> list:
+    """COMMON for ``--device``: on a GPU fairseq runs with common.cpu=false."""
+    return [("common.cpu=false" if x == "common.cpu=true" and a.device == "cuda" else x) for x in COMMON]
+
+
 def parse_log(path: str) -> dict:
     """Median seconds per update between fairseq train_inner lines (first interval dropped), peak RSS."""
     text = open(path, errors="replace").read()
@@ -65,9 +73,13 @@ def parse_log(path: str) -> dict:
     ts = [(datetime.strptime(a, "%Y-%m-%d %H:%M:%S,%f"), int(b)) for a, b in rows]
     per = [(ts[i][0] - ts[i - 1][0]).total_seconds() / (ts[i][1] - ts[i - 1][1]) for i in range(2, len(ts))]
     rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", text)
-    if not per or not rss:
+    if not per or (TIME and not rss):
         raise RuntimeError(f"{path}: no timed intervals or no peak RSS; see the log")
-    out = {"sec_per_update": statistics.median(per), "intervals": per, "peak_rss_mib": int(rss.group(1)) / 1024}
+    out = {"sec_per_update": statistics.median(per), "intervals": per,
+           "peak_rss_mib": int(rss.group(1)) / 1024 if rss else float("nan")}
+    free = [float(x) for x in re.findall(r"gb_free[=\s\":]+([\d.]+)", text)]  # fairseq logs it on a GPU
+    if free:
+        out["min_gb_free"] = min(free)
     cast = re.search(r"adjusting ema dtype to torch\.(\w+)", text)  # the official model casts its teacher (ema_same_dtype)
     if cast:
         out["teacher_dtype"] = cast.group(1)
@@ -78,15 +90,19 @@ def reference_script(a, precision: str) -> str:
     """official_bench.sh, or a copy of it in ``--work`` with ``common.bf16=true`` added to its
     fairseq overrides (the script itself fixes fp32) and ``--log-interval`` put in."""
     script = os.path.join(a.ref_scripts, "official_bench.sh")
-    if precision == "fp32" and a.log_interval == 5:
+    if precision == "fp32" and a.log_interval == 5 and a.device == "cpu" and TIME:
         return script
     text = open(script).read()
     if "common.fp16=false" not in text or "common.log_interval=5" not in text:
         sys.exit(f"{script}: no common.fp16=false / common.log_interval=5 to edit; update vs_reference.py")
-    copy = os.path.join(a.work, f"official_bench_{precision}_log{a.log_interval}.sh")
-    bf16 = " common.bf16=true" if precision == "bf16" else ""
+    copy = os.path.join(a.work, f"official_bench_{precision}_log{a.log_interval}_{a.device}.sh")
+    mixed = {"bf16": "common.fp16=false common.bf16=true", "fp16": "common.fp16=true"}.get(precision, "common.fp16=false")
+    if a.device == "cuda":
+        text = text.replace("common.cpu=true", "common.cpu=false", 1)
+    if not TIME:
+        text = text.replace('/usr/bin/time -v "$REF', '"$REF', 1)
     with open(copy, "w") as f:
-        f.write(text.replace("common.fp16=false", "common.fp16=false" + bf16, 1)
+        f.write(text.replace("common.fp16=false", mixed, 1)
                 .replace("common.log_interval=5", f"common.log_interval={a.log_interval}", 1)
                 .replace('"$(dirname "$0")/parse_fairseq_log.py"', f'"{os.path.dirname(os.path.abspath(script))}/parse_fairseq_log.py"'))
     return copy
@@ -120,13 +136,15 @@ def run_d2v(a, modality: str, name: str, root: str, precision: str = "fp32") -> 
         image_lists(a)
     exe = os.path.join(os.path.dirname(a.python), "fairseq-hydra-train")
     log = os.path.join(a.work, f"d2v_{name}_{modality}.log")
-    cmd = ["/usr/bin/time", "-v", exe, "--config-dir", os.path.join(root, "config", "pretrain", modality),
+    cmd = TIME + [exe, "--config-dir", os.path.join(root, "config", "pretrain", modality),
            "--config-name", "base_v2", f"common.user_dir={os.path.join(root, 'd2v_plugin')}",
            f"optimization.max_update={a.updates}", f"checkpoint.save_dir={a.work}/ckpt_d2v_{modality}",
-           f"hydra.run.dir={a.work}/hydra_d2v_{modality}", f"common.log_interval={a.log_interval}"] + COMMON + \
+           f"hydra.run.dir={a.work}/hydra_d2v_{modality}", f"common.log_interval={a.log_interval}"] + common(a) + \
         d2v_overrides(modality, a.work)
     if precision == "bf16":
         cmd.append("common.bf16=true")
+    if precision == "fp16":  # one value per key on Hydra's command line
+        cmd[cmd.index("common.fp16=false")] = "common.fp16=true"
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=root)
     with open(log, "w") as f:
         res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=root)
@@ -150,14 +168,19 @@ def main():
     ap.add_argument("--variants", default=f"d2v_plugin={ROOT}",
                     help="comma-separated NAME=CHECKOUT d2v_plugin trees to time beside the reference (e.g. "
                          "before=/tmp/old,after=. for an optimisation's before/after row); the first is the headline")
-    ap.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16 (fairseq's common.bf16=true, both)")
+    ap.add_argument("--precision", default="fp32",
+                    help="comma-separated: fp32, bf16 (fairseq's common.bf16=true, both), fp16 (GPU: common.fp16=true)")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: both with common.cpu=false (the GPU check, bench/gpu_check.sh)")
     ap.add_argument("--out", default="data/bench/vs_reference.json", help="JSON output path")
     a = ap.parse_args()
     a.ref, a.work = os.path.abspath(a.ref), os.path.abspath(a.work)
     a.python = a.python or os.path.join(a.ref, "venv", "bin", "python")
-    if a.python.startswith(a.ref):  # the reference venv runs d2v_plugin too: add its one missing dependency
+    missing = subprocess.run([a.python, "-c", "import editdistance"], capture_output=True).returncode
+    if a.python.startswith(a.ref) and missing:  # the reference venv runs d2v_plugin too: its one missing dependency
         subprocess.run([a.python, "-m", "pip", "install", "-q", "editdistance"], check=True, stdout=subprocess.DEVNULL)
-    if "text" in a.modalities.split(",") and shutil.which("bible") is None:
+    text_data = os.path.isfile(os.path.join(a.work, "text", "dict.txt"))
+    if "text" in a.modalities.split(",") and not text_data and shutil.which("bible") is None:
         sys.exit("vs_reference.py: official_bench.sh builds its text data from the King James Bible of the "
                  "'bible' command: install Debian's bible-kjv (apt-get install bible-kjv), or drop text from --modalities")
     variants = [(v.split("=", 1)[0], os.path.abspath(v.split("=", 1)[1])) for v in a.variants.split(",")]
