@@ -41,6 +41,7 @@ pwd > $D/ROOT  # manifests name absolute folders: gpu_check.sh rewrites this pre
 if [[ ! -f $D/text/data/train.bin ]]; then
   $PY -m d2v_plugin.samples text --out $D/text --n 100
   $PY -m d2v_plugin.prep.text $D/text/news.txt --dest $D/text/data --vocab-size 8000 --valid-percent 0.05
+  rm -rf $D/text/sentiment $D/text/data/*.bpe  # only the binarised pretraining data travels
 fi
 if [[ -n $REF ]]; then
   rm -rf $G/ref && mkdir -p $G/ref/root $G/ref/scripts && cp -r "$REF/root/examples" $G/ref/root/
@@ -49,7 +50,9 @@ if [[ -n $REF ]]; then
   W=/tmp/d2v_gpu_vsr
   $PY bench/vs_reference.py --ref "$REF" --work $W --modalities text --rounds 1 --updates 3 --log-interval 1 \
     --out $W/cpu.json
-  mkdir -p $G/ref/vsr && cp -a $W/text $G/ref/vsr/
+  mkdir -p $G/ref/vsr/text && cp $W/text/dict.txt $W/text/{train,valid}.{bin,idx} $G/ref/vsr/text/
 fi
 du -sh $G
+size=$(( $(du -sb $G | cut -f1) + $(git ls-files -z | xargs -0 du -cb | tail -1 | cut -f1) ))
+(( size < 64 * 1024 * 1024 )) || { echo "gpu_prepare.sh: .gpu + the checkout = $((size >> 20)) MiB, over the device tool's 64 MiB"; exit 1; }
 echo "ready: device run with carry [\".gpu\"], command \"bash bench/gpu_check.sh\""

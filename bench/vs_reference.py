@@ -175,6 +175,7 @@ def main():
     ap.add_argument("--out", default="data/bench/vs_reference.json", help="JSON output path")
     a = ap.parse_args()
     a.ref, a.work = os.path.abspath(a.ref), os.path.abspath(a.work)
+    os.makedirs(a.work, exist_ok=True)
     a.python = a.python or os.path.join(a.ref, "venv", "bin", "python")
     missing = subprocess.run([a.python, "-c", "import editdistance"], capture_output=True).returncode
     if a.python.startswith(a.ref) and missing:  # the reference venv runs d2v_plugin too: its one missing dependency
