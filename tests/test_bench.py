@@ -12,6 +12,7 @@ import torch
 from .conftest import REPO, tiny_cfg
 
 sys.path.insert(0, os.path.join(REPO, "bench"))
+import gpu_check  # noqa: E402
 import plot  # noqa: E402
 import pretrain as bench_pretrain  # noqa: E402
 import time_to_quality  # noqa: E402
@@ -35,6 +36,24 @@ def test_bench_configs_are_the_shipped_yamls():
     assert (cfg.depth, cfg.embed_dim, cfg.clone_batch, cfg.norm_eps) == (4, 128, 8, 1e-6)  # 1e-6 parsed as a float
     small, _ = bench_pretrain.model_config("audio", "small", "v1", 8)
     assert (small.depth, small.embed_dim, small.clone_batch, small.algorithm) == (6, 256, 1, "v1")
+
+
+def test_gpu_check_flags_a_low_precision_teacher_a_rising_loss_and_a_crash(tmp_path):
+    """bench/gpu_check.py passes a good run and names each fault of a bad one."""
+    def run(losses, ema_dtype, rc=0):
+        log = tmp_path / "train.log"
+        log.write_text("".join(f"[x][train_inner][INFO] - epoch 001: loss={v}, num_updates={10 * i}\n"
+                               for i, v in enumerate(losses, 1)))
+        ckpt = tmp_path / "checkpoint_last.pt"
+        torch.save({"model": {"encoder.w": torch.zeros(2).bfloat16(),
+                              "_ema": {"w": torch.ones(2, dtype=ema_dtype)}}}, ckpt)
+        return gpu_check.check(str(log), str(ckpt), rc)[0]
+
+    assert run([5.0, 4.0, 3.5], torch.float32) == []
+    assert any("teacher dtypes" in p for p in run([5.0, 4.0], torch.bfloat16))
+    assert any("did not fall" in p for p in run([4.0, 4.5], torch.float32))
+    assert any("non-finite loss" in p for p in run([4.0, float("nan")], torch.float32))
+    assert any("exited with 1" in p for p in run([5.0, 4.0], torch.float32, rc=1))
 
 
 @pytest.mark.slow
