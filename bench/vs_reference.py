@@ -61,9 +61,12 @@ def d2v_overrides(modality: str, work: str) -> list:
 TIME = ["/usr/bin/time", "-v"] if os.path.exists("/usr/bin/time") else []  # peak RSS; absent on some GPU images
 
 
-def common(a) -> list:
-    """COMMON for ``--device``: on a GPU fairseq runs with common.cpu=false."""
-    return [("common.cpu=false" if x == "common.cpu=true" and a.device == "cuda" else x) for x in COMMON]
+def common(a, precision: str) -> list:
+    """COMMON for ``--device`` and ``precision``: common.cpu=false on a GPU, common.fp16=true for
+    fp16 (one value per key on Hydra's command line), common.bf16=true added for bf16."""
+    swap = {"common.cpu=true": f"common.cpu={str(a.device == 'cpu').lower()}",
+            "common.fp16=false": f"common.fp16={str(precision == 'fp16').lower()}"}
+    return [swap.get(x, x) for x in COMMON] + (["common.bf16=true"] if precision == "bf16" else [])
 
 
 def parse_log(path: str) -> dict:
@@ -87,8 +90,9 @@ def parse_log(path: str) -> dict:
 
 
 def reference_script(a, precision: str) -> str:
-    """official_bench.sh, or a copy of it in ``--work`` with ``common.bf16=true`` added to its
-    fairseq overrides (the script itself fixes fp32) and ``--log-interval`` put in."""
+    """official_bench.sh, or a copy of it in ``--work`` with the precision's overrides
+    (``common.bf16=true`` / ``common.fp16=true``; the script itself fixes fp32), ``--log-interval``,
+    ``common.cpu=false`` for ``--device cuda`` and no ``/usr/bin/time`` where there is none."""
     script = os.path.join(a.ref_scripts, "official_bench.sh")
     if precision == "fp32" and a.log_interval == 5 and a.device == "cpu" and TIME:
         return script
@@ -139,12 +143,8 @@ def run_d2v(a, modality: str, name: str, root: str, precision: str = "fp32") -> 
     cmd = TIME + [exe, "--config-dir", os.path.join(root, "config", "pretrain", modality),
            "--config-name", "base_v2", f"common.user_dir={os.path.join(root, 'd2v_plugin')}",
            f"optimization.max_update={a.updates}", f"checkpoint.save_dir={a.work}/ckpt_d2v_{modality}",
-           f"hydra.run.dir={a.work}/hydra_d2v_{modality}", f"common.log_interval={a.log_interval}"] + common(a) + \
+           f"hydra.run.dir={a.work}/hydra_d2v_{modality}", f"common.log_interval={a.log_interval}"] + common(a, precision) + \
         d2v_overrides(modality, a.work)
-    if precision == "bf16":
-        cmd.append("common.bf16=true")
-    if precision == "fp16":  # one value per key on Hydra's command line
-        cmd[cmd.index("common.fp16=false")] = "common.fp16=true"
     env = dict(os.environ, OMP_NUM_THREADS=str(a.threads), PYTHONPATH=root)
     with open(log, "w") as f:
         res = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=root)
@@ -177,8 +177,9 @@ def main():
     a.ref, a.work = os.path.abspath(a.ref), os.path.abspath(a.work)
     os.makedirs(a.work, exist_ok=True)
     a.python = a.python or os.path.join(a.ref, "venv", "bin", "python")
-    missing = subprocess.run([a.python, "-c", "import editdistance"], capture_output=True).returncode
-    if a.python.startswith(a.ref) and missing:  # the reference venv runs d2v_plugin too: its one missing dependency
+    if a.python.startswith(a.ref) and subprocess.run([a.python, "-c", "import editdistance"],
+                                                     capture_output=True).returncode:
+        # the reference venv runs d2v_plugin too: add its one missing dependency
         subprocess.run([a.python, "-m", "pip", "install", "-q", "editdistance"], check=True, stdout=subprocess.DEVNULL)
     text_data = os.path.isfile(os.path.join(a.work, "text", "dict.txt"))
     if "text" in a.modalities.split(",") and not text_data and shutil.which("bible") is None:
