@@ -45,8 +45,9 @@ demo: $(STAMP) sysdeps
 
 bench: $(STAMP) sysdeps
 	$(PY) bench/pretrain.py --out $(DATA)/bench/pretrain.json
-	$(PY) bench/time_to_quality.py --work $(DATA)/bench/ttq --out $(DATA)/bench/time_to_quality.json \
-	  --png $(DATA)/bench/time_to_quality.png
+	$(PY) bench/time_to_quality.py --modality text --work $(DATA)/bench/ttq --out $(DATA)/bench/time_to_quality_text.json
+	$(PY) bench/image_v1_vs_v2.py --work $(DATA)/bench/ttq --out $(DATA)/bench/image_v1_vs_v2.json \
+	  --png $(DATA)/bench/image_v1_vs_v2.png
 
 clean:
 	rm -rf $(VENV) $(DATA)

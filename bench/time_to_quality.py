@@ -1,178 +1,321 @@
-"""Time to quality: data2vec 1.0 vs 2.0 image pretraining at equal wall-clock budgets.
+"""Time to quality: data2vec 2.0 against data2vec 1.0 and the modality's usual method, each
+trained by its real implementation through the real fairseq binaries, at equal wall-clock budgets.
 
-    python bench/time_to_quality.py [--budget 300] [--snapshots 6] [--work data/bench/ttq]
+    python bench/time_to_quality.py --modality text [--methods d2v_v2,d2v_v1,roberta] [--budget 300]
+        [--data DIR] [--reference DIR] [--device cpu|cuda] --out JSON --png PNG
 
-Both algorithms pretrain the shipped tiny image models (config/pretrain/image/tiny_v1.yaml
-and tiny_v2.yaml: 4 blocks of 128, 32x32 Fashion-MNIST, the YAML's batch, learning rate,
-Adam betas, weight decay, clip norm; linear warm-up then constant) for ``--budget``
-seconds of training each, on the same unlabelled images, through the real data pipeline
-(d2v_plugin's ImageDataset with random resized crops, masks drawn in a data-loader worker).
-The student is snapshotted at evenly spaced training times (the clock stops while it is
-copied). Each snapshot is scored by a linear probe: mean-pooled last-layer features of the
-frozen encoder, a logistic regression fitted by L-BFGS on ``--labelled`` labelled training
-images, accuracy on the held-out valid split (Fashion-MNIST test images). Writes JSON and a
-PNG of probe accuracy against training time; prints when v2 first reaches v1's final
-probe accuracy.
+Modalities and their baselines:
+
+* ``text``: ``roberta``, fairseq's own RoBERTa masked LM (`fairseq-train --task masked_lm --arch
+  roberta`, RoBERTa's recipe: BERT masking 15 % with 80/10/10, polynomial decay, Adam
+  0.9/0.98, no clipping); data2vec with config/pretrain/text/tiny_v2.yaml / tiny_v1.yaml
+  (`fairseq-hydra-train`). All three: 4 blocks of 128, 4 heads, FFN 512, the same vocabulary
+  and binarised text (examples/text_controls.py builds the commands). ``--data``: a folder
+  made by `python -m d2v_plugin.prep.text` (without it, the text demo's news + unlabelled
+  review snippets); the probe and fine-tuning use the sample sentiment snippets, encoded with
+  that folder's sentencepiece model.
+* ``image`` (MAE) and ``audio`` (wav2vec 2.0): not built yet (issue 18); the in-process
+  comparison of data2vec 1.0 and 2.0 on images is bench/image_v1_vs_v2.py.
+
+Fair conditions: the same encoder, data, threads and budget for every method; each method's
+peak learning rate is tuned the same way (``--lr-factors`` x its recipe's lr, each tried in a
+run of ``--tune-fraction`` x the budget and scored by the probe's *validation* accuracy); its
+own recipe otherwise. Each method first runs ``--calibrate`` updates to measure its
+updates/s, so that a run of ``budget x updates/s`` updates (its schedule planned over that
+length) saves ``--snapshots`` evenly spaced checkpoints. A snapshot's time is the run's
+fairseq ``wall`` clock at that update minus the time spent writing earlier checkpoints (the
+clock stops while a snapshot is taken; probes run after training).
+
+Quality: text, a linear probe of the frozen encoder on the sentiment labels (mean-pooled
+output of each block, logistic regression on the labelled training snippets, the block
+chosen on the validation movies, accuracy on the held-out test movies). The final snapshot of
+every method is also fine-tuned as in the demo (config/finetune/text/tiny.yaml, ``--ft-seeds``)
+and scored on the test movies, to check the probe's ranking.
+
+Output: ``--out`` JSON with each method's (seconds, quality) points, its chosen lr and
+fine-tuned score, and for each baseline the time data2vec 2.0 needed to reach the baseline's
+final quality as a speedup (the baseline's time / data2vec 2.0's time, linear between
+snapshots); ``--png`` plots every method's curve.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import math
 import os
+import re
+import shutil
+import statistics
 import subprocess
 import sys
 import time
 
-import torch
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(ROOT, "examples"))
 from plot import line_chart  # noqa: E402
-from pretrain import model_config  # noqa: E402
 
-from d2v_plugin.probe import linear_probe  # noqa: E402
-
-
-def make_images(work: str, n: int, labelled: int) -> str:
-    images, lists = f"{work}/images", f"{work}/images/lists"
-    if not os.path.isdir(f"{images}/train"):
-        subprocess.run([sys.executable, "-m", "d2v_plugin.samples", "images", "--out", images, "--n", str(n), "--size", "32"],
-                       check=True, cwd=ROOT)
-    if not os.path.isfile(f"{lists}/labelled.tsv"):
-        subprocess.run([sys.executable, "-m", "d2v_plugin.prep.image_folder", images, "--dest", lists, "--labelled",
-                        str(labelled)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return lists
+BASELINE = {"text": "roberta", "image": "mae", "audio": "wav2vec2"}
+PAPER_SPEEDUP = {"image": 16.4, "audio": 10.6, "text": 2.0}  # data2vec 2.0 vs MAE, wav2vec 2.0, RoBERTa
 
 
-def yaml_training(algorithm: str) -> dict:
-    from omegaconf import OmegaConf
-
-    y = OmegaConf.load(os.path.join(ROOT, "config", "pretrain", "image", f"tiny_{algorithm}.yaml"))
-    return dict(lr=float(y.optimization.lr[0]), betas=tuple(y.optimizer.adam_betas), eps=float(y.optimizer.adam_eps),
-                weight_decay=float(y.optimizer.weight_decay), clip=float(y.optimization.clip_norm),
-                warmup=int(y.lr_scheduler.warmup_updates), batch=int(y.dataset.batch_size),
-                min_crop_scale=float(y.task.min_crop_scale))
-
-
-def pretrain(algorithm: str, lists: str, budget: float, snapshots: int, seed: int):
-    """-> [(training seconds, updates, student state_dict)] at 0, budget/snapshots, ..., budget."""
-    from d2v_plugin.data.image import ImageDataset
-    from d2v_plugin.models.d2v_multi import D2vMultiModel
-
-    torch.manual_seed(seed)
-    hp = yaml_training(algorithm)
-    cfg, _ = model_config("image", "tiny", algorithm, clone=None)
-    model = D2vMultiModel(cfg).train()
-    enc = model.modality_encoders["image"]
-    ds = ImageDataset(f"{lists}/train.tsv", cfg.image_input_size, train=True, seed=seed, min_crop_scale=hp["min_crop_scale"])
-    ds.set_masking(enc.masking)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=hp["lr"], betas=hp["betas"], eps=hp["eps"], weight_decay=hp["weight_decay"])
-
-    def student_state():  # student and teacher (the "_ema" entry), copied
-        return copy.deepcopy(model.state_dict())
-
-    snaps = [(0.0, 0, student_state())]
-    elapsed, updates, epoch = 0.0, 0, 1
-    next_snap = budget / snapshots
-    while elapsed < budget:
-        ds.set_epoch(epoch)
-        order = ds.ordered_indices()
-        batches = [order[i:i + hp["batch"]] for i in range(0, len(order) - hp["batch"] + 1, hp["batch"])]
-        loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=ds.collater, num_workers=1,
-                                             persistent_workers=False)
-        start = time.perf_counter()
-        for batch in loader:
-            for g in opt.param_groups:
-                g["lr"] = hp["lr"] * min(1.0, (updates + 1) / hp["warmup"])
-            model.set_num_updates(updates)
-            out = model(**batch["net_input"], modality="image")
-            loss = sum(out["losses"].values()) / out["sample_size"]
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, hp["clip"])
-            opt.step()
-            updates += 1
-            model.ema_step(updates)
-            now = time.perf_counter()
-            if elapsed + now - start >= next_snap or elapsed + now - start >= budget:
-                elapsed += now - start
-                snaps.append((elapsed, updates, student_state()))  # off the clock
-                print(f"  {algorithm}: {elapsed:.0f} s, {updates} updates, loss {float(loss.detach()):.3f}", file=sys.stderr)
-                next_snap += budget / snapshots
-                if elapsed >= budget:
-                    break
-                start = time.perf_counter()
-        else:
-            elapsed += time.perf_counter() - start
-        del loader
-        epoch += 1
-    return cfg, snaps
+def wall_clock(log: str) -> tuple:
+    """-> ({update: training seconds}, [(update, loss)]) of a fairseq log: the ``wall`` of each
+    train_inner line minus the seconds spent writing the checkpoints saved before it."""
+    points, losses, writing = {}, [], 0.0
+    for line in open(log, errors="replace"):
+        w = re.search(r"writing took ([\d.]+) seconds", line)
+        if w:
+            writing += float(w.group(1))
+        m = re.search(r"train_inner.*? loss=([\d.]+|nan|inf).*?num_updates=(\d+).*?[ ,]wall=(\d+)", line)
+        if m:
+            update = int(m.group(2))
+            points[update] = float(m.group(3)) - writing
+            losses.append((update, float(m.group(1))))
+    return points, losses
 
 
-@torch.no_grad()
-def features(model, ds, batch: int = 256):
-    model.eval()
-    xs, ys = [], []
-    for i in range(0, len(ds), batch):
-        items = [ds[j] for j in range(i, min(i + batch, len(ds)))]
-        b = ds.collater(items)
-        x = model.extract_features(b["net_input"]["source"], modality="image")["x"]  # (B, L, D)
-        xs.append(x.mean(1))
-        ys.append(b["target"])
-    return torch.cat(xs), torch.cat(ys)
+def run(cmd: list, log: str, env: dict = None) -> None:
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{cmd[0]} failed ({proc.returncode}); see {log}:\n{open(log, errors='replace').read()[-3000:]}")
+
+
+def reach_time(points: list, target: float, higher_is_better: bool):
+    """The first time a curve [(seconds, quality)] reaches target, linear between snapshots
+    (None if it never does; the first snapshot's time if it already does there)."""
+    better = (lambda q: q >= target) if higher_is_better else (lambda q: q <= target)
+    prev = None
+    for t, q in points:
+        if better(q):
+            if prev is None or prev[1] == q:
+                return t
+            t0, q0 = prev
+            return t0 + (t - t0) * (target - q0) / (q - q0)
+        prev = (t, q)
+    return None
+
+
+def speedups(curves: dict, modality: str, higher_is_better: bool) -> dict:
+    """For each baseline: its final quality, the time it took to get there, the time data2vec 2.0
+    took to reach it, and the ratio (next to the paper's)."""
+    out = {}
+    if "d2v_v2" not in curves:
+        return out
+    for method, points in curves.items():
+        if method == "d2v_v2":
+            continue
+        final = points[-1][1]
+        t_base = reach_time(points, final, higher_is_better)
+        t_v2 = reach_time(curves["d2v_v2"], final, higher_is_better)
+        out[method] = {"final_quality": final, "baseline_seconds": round(t_base, 1),
+                       "d2v_v2_seconds": None if t_v2 is None else round(t_v2, 1),
+                       "speedup": None if t_v2 is None else round(t_base / t_v2, 2),
+                       "paper_speedup": PAPER_SPEEDUP[modality] if method == BASELINE[modality] else None}
+    return out
+
+
+class Text:
+    """Text: data2vec 1.0 / 2.0 and RoBERTa on the same binarised text; sentiment probe and fine-tuning."""
+
+    methods = ("d2v_v2", "d2v_v1", "roberta")
+    metric, higher_is_better = "linear-probe test accuracy %", True
+
+    def __init__(self, a, work: str):
+        import text_controls as tc
+        from text_demo import build_data
+
+        self.tc, self.a, self.work = tc, a, work
+        if a.data:
+            missing = [f for f in ("dict.txt", "spm.model", "train.bin") if not os.path.isfile(f"{a.data}/{f}")]
+            if missing:
+                sys.exit(f"--data {a.data}: no {', '.join(missing)}; make the folder with "
+                         "`python -m d2v_plugin.prep.text RAW.txt --dest DIR`")
+        self.data, self.cls = build_data(work, a.labelled, data=os.path.abspath(a.data) if a.data else "")
+        self.raw = f"{work}/text"
+
+    def recipe(self, method: str) -> dict:
+        return self.tc.tiny_recipe("tiny_v1" if method == "roberta" else "tiny_" + method[-2:])
+
+    def default_lr(self, method: str) -> float:
+        return float(self.recipe(method)["optimization"]["lr"][0])
+
+    def warmup(self, method: str) -> int:
+        return int(self.recipe(method)["lr_scheduler"]["warmup_updates"])
+
+    def command(self, method: str, lr: float, updates: int, save_every: int, folder: str) -> tuple:
+        """-> (command, environment) of one pretraining run."""
+        a = argparse.Namespace(updates=[f"{method}={updates}"], budget=self.a.budget, roberta_lr=lr, reference="",
+                               bf16=False, device=self.a.device,
+                               set=[] if method == "roberta" else [f"optimization.lr=[{lr}]"])
+        cmd = self.tc.pretrain_command(method, self.data, f"{folder}/ckpt", f"{folder}/hydra", updates, self.a.seed, a,
+                                       save_every=save_every, log_interval=max(1, save_every // 5),
+                                       warmup=min(self.warmup(method), updates // 2))  # short runs: half warm-up at most
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.a.threads))
+        return cmd, env
+
+    def checkpoint(self, method: str, path: str) -> str:
+        """-> a d2v_plugin checkpoint of the snapshot (RoBERTa's converted, like official data2vec ones)."""
+        if method.startswith("d2v"):
+            return path
+        out = path[:-3] + "_d2v.pt"
+        if not os.path.isfile(out):
+            subprocess.run([sys.executable, "-m", "d2v_plugin.convert", "--from-fairseq", path, "--out", out, "--dict",
+                            f"{self.data}/dict.txt", "--spm", f"{self.data}/spm.model"], check=True, cwd=ROOT,
+                           stdout=subprocess.DEVNULL)
+        return out
+
+    def probe(self, ckpt: str) -> dict:
+        """-> {"valid": %, "test": %, "layer": block}."""
+        return self.tc.probe(ckpt, self.raw, labelled=self.a.labelled)
+
+    def finetune(self, ckpt: str, method: str, folder: str) -> dict:
+        a = argparse.Namespace(ft_updates=self.a.ft_updates, ft_set=[])
+        runs = [self.tc.finetune(ckpt, False, s, self.cls, folder, f"{method}_ft_s{s}", a) for s in self.a.ft_seeds]
+        tests = [t for t, _ in runs]
+        return {"test": round(statistics.mean(tests), 2), "runs": tests,
+                "std": round(statistics.stdev(tests), 2) if len(tests) > 1 else 0.0}
+
+
+MODALITIES = {"text": Text}
+
+
+def snapshots(folder: str) -> list:
+    """-> [(update, path)] of the checkpoints a run saved, in order."""
+    found = []
+    for name in os.listdir(f"{folder}/ckpt"):
+        m = re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", name)
+        if m:
+            found.append((int(m.group(1)), f"{folder}/ckpt/{name}"))
+    return sorted(found)
+
+
+def train(mod, method: str, lr: float, seconds: float, ups: float, folder: str, snaps: int) -> dict:
+    """One pretraining run of ``seconds x ups`` updates with ``snaps`` checkpoints -> its log's facts."""
+    save_every = max(1, math.ceil(seconds * ups / snaps))
+    updates = save_every * snaps
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    cmd, env = mod.command(method, lr, updates, save_every, folder)
+    start = time.time()
+    run(cmd, f"{folder}/log", env)
+    clock, losses = wall_clock(f"{folder}/log")
+    if not losses or any(not math.isfinite(v) for _, v in losses):
+        sys.exit(f"{method}: no finite training loss in {folder}/log")
+    return {"lr": lr, "updates": updates, "save_every": save_every, "command": " ".join(cmd),
+            "process_seconds": round(time.time() - start, 1), "clock": clock, "losses": losses}
+
+
+def updates_per_second(mod, method: str, lr: float, updates: int, folder: str) -> float:
+    """Calibration: the rate of the second half of a short run (the first includes start-up)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    cmd, env = mod.command(method, lr, updates, updates, folder)
+    run(cmd, f"{folder}/log", env)
+    clock, _ = wall_clock(f"{folder}/log")
+    (u0, t0), (u1, t1) = sorted(clock.items())[len(clock) // 2 - 1], sorted(clock.items())[-1]
+    return (u1 - u0) / max(t1 - t0, 1e-3)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--work", default="data/bench/ttq", help="folder for the sample images")
-    ap.add_argument("--budget", type=float, default=300, help="training seconds per algorithm")
-    ap.add_argument("--snapshots", type=int, default=6, help="probed snapshots per run (plus the initial model)")
-    ap.add_argument("--n", type=int, default=5000, help="unlabelled training images (valid gets n // 5)")
-    ap.add_argument("--labelled", type=int, default=2000, help="labelled training images for the probe")
-    ap.add_argument("--seed", type=int, default=1, help="seed of initialisation, crops and masks")
-    ap.add_argument("--out", default="data/bench/time_to_quality.json", help="JSON output")
-    ap.add_argument("--png", default="data/bench/time_to_quality.png", help="plot output")
+    ap.add_argument("--modality", required=True, choices=("audio", "image", "text"), help="what to pretrain on")
+    ap.add_argument("--methods", default="", help="comma-separated (default: d2v_v2, d2v_v1 and the modality's baseline)")
+    ap.add_argument("--budget", type=float, default=300, help="pretraining wall-clock seconds per method")
+    ap.add_argument("--snapshots", type=int, default=6, help="probed checkpoints per run, every budget/N seconds")
+    ap.add_argument("--lr-factors", default="0.5,1,2", help="peak lrs tried per method, as factors of its recipe's lr")
+    ap.add_argument("--tune-fraction", type=float, default=0.25, help="length of each lr trial, as a fraction of the budget")
+    ap.add_argument("--calibrate", type=int, default=50, help="updates of each method's speed calibration")
+    ap.add_argument("--data", default="", help="a prepared data folder of the modality (default: the sample data)")
+    ap.add_argument("--reference", default="", help="environment made by ../shared/reference/setup_reference.sh")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where every method trains")
+    ap.add_argument("--threads", type=int, default=2, help="CPU threads of every run (OMP_NUM_THREADS)")
+    ap.add_argument("--labelled", type=int, default=2000, help="labelled training examples of the probe and fine-tuning")
+    ap.add_argument("--ft-updates", type=int, default=400, help="fine-tuning updates of the final snapshots")
+    ap.add_argument("--ft-seeds", default="1", help="fine-tuning seeds of the final snapshots")
+    ap.add_argument("--seed", type=int, default=1, help="pretraining seed")
+    ap.add_argument("--work", default="data/bench/ttq", help="working folder (sample data, runs)")
+    ap.add_argument("--out", default="", help="JSON (default: data/bench/time_to_quality_MODALITY.json)")
+    ap.add_argument("--png", default="", help="plot (default: beside --out)")
     a = ap.parse_args()
-    from d2v_plugin.data.image import ImageDataset
-    from d2v_plugin.models.d2v_multi import D2vMultiModel
-
-    lists = make_images(os.path.abspath(a.work), a.n, a.labelled)
-    labels = [ln.strip() for ln in open(f"{lists}/labels.txt") if ln.strip()]
-    probe_train = ImageDataset(f"{lists}/labelled.tsv", 32, train=False, labels=labels)
-    probe_test = ImageDataset(f"{lists}/valid.tsv", 32, train=False, labels=labels)
+    if a.modality not in MODALITIES:
+        sys.exit(f"--modality {a.modality}: not built yet (issue 18); bench/image_v1_vs_v2.py compares data2vec 1.0 "
+                 "and 2.0 on images")
+    a.out = a.out or f"data/bench/time_to_quality_{a.modality}.json"
+    a.png = a.png or os.path.splitext(a.out)[0] + ".png"
+    a.ft_seeds = [int(s) for s in a.ft_seeds.split(",")]
+    factors = [float(f) for f in a.lr_factors.split(",")]
+    work = os.path.abspath(a.work)
+    os.makedirs(work, exist_ok=True)
+    mod = MODALITIES[a.modality](a, work)
+    methods = [m for m in a.methods.split(",") if m] or list(mod.methods)
+    unknown = [m for m in methods if m not in mod.methods]
+    if unknown:
+        sys.exit(f"--methods: unknown for {a.modality}: {', '.join(unknown)} (choose from {', '.join(mod.methods)})")
+    runs = f"{work}/{a.modality}_runs"
     results = {}
-    for algorithm in ("v1", "v2"):
-        cfg, snaps = pretrain(algorithm, lists, a.budget, a.snapshots, a.seed)
-        model = D2vMultiModel(cfg)
-        rows = []
-        for seconds, updates, state in snaps:
-            model.load_state_dict(state, strict=False)
-            acc = linear_probe(*features(model, probe_train), *features(model, probe_test))
-            rows.append({"seconds": seconds, "updates": updates, "probe_acc": acc})
-            print(f"{algorithm}: {seconds:7.1f} s {updates:6d} updates  probe {acc:.2f}%", file=sys.stderr)
-        results[algorithm] = rows
-    v1_final = results["v1"][-1]["probe_acc"]
-    reach = next((r for r in results["v2"] if r["probe_acc"] >= v1_final), None)
-    print(f"{'algo':<4} {'seconds':>8} {'updates':>8} {'probe %':>8}")
-    for algorithm, rows in results.items():
-        for r in rows:
-            print(f"{algorithm:<4} {r['seconds']:>8.1f} {r['updates']:>8d} {r['probe_acc']:>8.2f}")
-    if reach:
-        line = (f"v2 reaches v1's final probe accuracy ({v1_final:.2f}% after {results['v1'][-1]['seconds']:.0f} s) "
-                f"after {reach['seconds']:.0f} s ({100 * reach['seconds'] / results['v1'][-1]['seconds']:.0f}% of v1's time)")
-    else:
-        line = f"v2 does not reach v1's final probe accuracy ({v1_final:.2f}%) within the budget"
-    print(line)
+    for method in methods:
+        base_lr = mod.default_lr(method)
+        ups = updates_per_second(mod, method, base_lr, a.calibrate, f"{runs}/{method}_calibrate")
+        print(f"{method}: {ups:.2f} updates/s", flush=True)
+        trials = {}
+        for f in factors:  # the same small lr search for every method, scored on validation
+            lr = base_lr * f
+            r = train(mod, method, lr, a.budget * a.tune_fraction, ups, f"{runs}/{method}_lr{lr:g}", 1)
+            trials[f"{lr:g}"] = mod.probe(mod.checkpoint(method, snapshots(f"{runs}/{method}_lr{lr:g}")[-1][1]))
+            print(f"{method}: lr {lr:g} -> probe {trials[f'{lr:g}']}", flush=True)
+        lr = float(max(trials, key=lambda k: trials[k]["valid"]))
+        r = train(mod, method, lr, a.budget, ups, f"{runs}/{method}", a.snapshots)
+        points = []
+        for update, path in snapshots(f"{runs}/{method}"):
+            p = mod.probe(mod.checkpoint(method, path))
+            points.append({"update": update, "seconds": round(r["clock"][update], 1), **p})
+            print(f"{method}: {points[-1]}", flush=True)
+        final = mod.checkpoint(method, snapshots(f"{runs}/{method}")[-1][1])
+        results[method] = {"calibrated_ups": round(ups, 3), "lr_trials": trials, "lr": lr, "snapshots": points,
+                           "finetune": mod.finetune(final, method, f"{runs}/{method}_finetune"),
+                           **{k: r[k] for k in ("updates", "command", "process_seconds", "losses")}}
+        write(a, mod, results)
+    print(summary(a, mod, results))
+
+
+def write(a, mod, results: dict) -> None:
+    curves = {m: [(p["seconds"], p["test"]) for p in r["snapshots"]] for m, r in results.items()}
+    report = {"command": " ".join(sys.argv), "modality": a.modality, "budget_s": a.budget, "device": a.device,
+              "threads": a.threads, "metric": mod.metric, "lr_factors": a.lr_factors, "results": results,
+              "speedups": speedups(curves, a.modality, mod.higher_is_better)}
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    line_chart({f"data2vec {k[1]}.0 ({k})": [(r["seconds"], r["probe_acc"]) for r in v] for k, v in results.items()},
-               a.png, "Linear probe accuracy vs pretraining time (tiny image models, Fashion-MNIST, 2 CPU cores)",
-               "training seconds", "probe accuracy %", hline=(v1_final, "v1 final"))
     with open(a.out, "w") as f:
-        json.dump({"command": " ".join(sys.argv), "budget_s": a.budget, "results": results, "summary": line}, f, indent=1)
-    print(f"wrote {a.out} and {a.png}")
+        json.dump(report, f, indent=1)
+    line_chart({m: pts for m, pts in curves.items()}, a.png,
+               f"{a.modality}: {mod.metric} vs pretraining time ({a.device}, {a.threads} threads)",
+               "pretraining seconds", mod.metric)
+
+
+def summary(a, mod, results: dict) -> str:
+    rows = [f"{'method':<10} {'lr':>8} {'updates':>8} {'seconds':>8} {'probe %':>8} {'fine-tuned %':>13}"]
+    for m, r in results.items():
+        last = r["snapshots"][-1]
+        rows.append(f"{m:<10} {r['lr']:>8g} {r['updates']:>8d} {last['seconds']:>8.0f} {last['test']:>8.2f} "
+                    f"{r['finetune']['test']:>13.2f}")
+    curves = {m: [(p["seconds"], p["test"]) for p in r["snapshots"]] for m, r in results.items()}
+    for base, s in speedups(curves, a.modality, mod.higher_is_better).items():
+        if s["speedup"] is None:
+            rows.append(f"d2v_v2 does not reach {base}'s final {s['final_quality']:.2f} within the budget")
+        else:
+            rows.append(f"d2v_v2 reaches {base}'s final {s['final_quality']:.2f} after {s['d2v_v2_seconds']:.0f} s, "
+                        f"{base} after {s['baseline_seconds']:.0f} s: {s['speedup']:.2f}x"
+                        + (f" (paper: {s['paper_speedup']}x)" if s["paper_speedup"] else ""))
+    sign = -1 if mod.higher_is_better else 1
+    probe_rank = sorted(results, key=lambda m: sign * results[m]["snapshots"][-1]["test"])
+    ft_rank = sorted(results, key=lambda m: sign * results[m]["finetune"]["test"])
+    rows.append(f"ranking by probe: {' > '.join(probe_rank)}; by fine-tuning: {' > '.join(ft_rank)}"
+                + ("" if probe_rank == ft_rank else " (they disagree)"))
+    rows.append(f"wrote {a.out} and {a.png}")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

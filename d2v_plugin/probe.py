@@ -1,5 +1,5 @@
 """A frozen-encoder linear probe: logistic regression on standardised features, the score
-that compares pretrained encoders without fine-tuning them (bench/time_to_quality.py,
+that compares pretrained encoders without fine-tuning them (bench/time_to_quality.py, bench/image_v1_vs_v2.py,
 examples/text_controls.py)."""
 from __future__ import annotations
 

@@ -61,8 +61,13 @@ def tiny_recipe(config: str) -> dict:
     return OmegaConf.to_container(OmegaConf.load(f"{REPO}/config/pretrain/text/{config}.yaml"))
 
 
-def pretrain_command(method: str, data: str, save: str, run_dir: str, updates: int, seed: int, a) -> list:
-    """The real command line of one method's pretraining (fairseq binaries of the method's environment)."""
+def pretrain_command(method: str, data: str, save: str, run_dir: str, updates: int, seed: int, a, save_every: int = 0,
+                     log_interval: int = 25, warmup: int = 0) -> list:
+    """The real command line of one method's pretraining (fairseq binaries of the method's environment).
+    save_every: a checkpoint every N updates, all kept (default: one, at the end); warmup: lr
+    warm-up updates (default: the tiny YAML's); ``a.device`` (default cpu) picks the device."""
+    save_every = save_every or updates
+    cpu = getattr(a, "device", "cpu") == "cpu"
     # a hard wall-clock cap, unless the update count was fixed from quiet-machine rates (then the
     # count is the budget, and a busy machine only stretches the wall time)
     stop = "0" if method in dict(x.split("=") for x in a.updates) else f"{a.budget * 1.1 / 3600:.5f}"
@@ -72,14 +77,17 @@ def pretrain_command(method: str, data: str, save: str, run_dir: str, updates: i
                 f"checkpoint.save_dir={save}", f"common.seed={seed}", f"optimization.max_update={updates}",
                 f"model.ema_anneal_end_step={updates}", f"optimization.stop_time_hours={stop}",
                 "dataset.validate_interval_updates=0", "dataset.disable_validation=true",
-                f"checkpoint.save_interval_updates={updates}", *a.set]
+                f"checkpoint.save_interval_updates={save_every}", "checkpoint.keep_interval_updates=-1",
+                f"common.log_interval={log_interval}", f"common.cpu={str(cpu).lower()}",
+                f"common.bf16={str(a.bf16).lower()}", *([f"lr_scheduler.warmup_updates={warmup}"] if warmup else []),
+                *a.set]
     t = tiny_recipe("tiny_v2" if method.endswith("v2") else "tiny_v1")
     m, opt = t["model"], t["optimization"]
     for kv in a.set:  # a recipe change tried on the plugin applies to the official code too
         key, value = kv.split("=", 1)
         if key.startswith("model.") and key[6:] in m:
             m[key[6:]] = type(m[key[6:]])(value) if m[key[6:]] is not None else value
-    lr, batch, warmup = opt["lr"][0], t["dataset"]["batch_size"], t["lr_scheduler"]["warmup_updates"]
+    lr, batch, warmup = opt["lr"][0], t["dataset"]["batch_size"], warmup or t["lr_scheduler"]["warmup_updates"]
     if method == "roberta":
         return [f"{BIN}/fairseq-train", data, "--task", "masked_lm", "--criterion", "masked_lm", "--arch", "roberta",
                 "--encoder-layers", str(m["depth"]), "--encoder-embed-dim", str(m["embed_dim"]),
@@ -90,16 +98,19 @@ def pretrain_command(method: str, data: str, save: str, run_dir: str, updates: i
                 "--lr", str(a.roberta_lr or lr), "--lr-scheduler", "polynomial_decay", "--warmup-updates", str(warmup),
                 "--total-num-update", str(updates), "--max-update", str(updates), "--stop-time-hours", stop,
                 "--dropout", "0.1", "--attention-dropout", "0.1", "--seed", str(seed), "--save-dir", save,
-                "--no-epoch-checkpoints", "--save-interval-updates", str(updates), "--cpu", "--log-format", "simple",
-                "--log-interval", "25", "--num-workers", "1", "--disable-validation"]
+                "--no-epoch-checkpoints", "--save-interval-updates", str(save_every), *(["--cpu"] if cpu else []),
+                "--log-format", "simple", "--log-interval", str(log_interval), "--num-workers", "1",
+                "--disable-validation", *(["--bf16"] if a.bf16 else [])]
     if not a.reference:
         raise SystemExit(f"{method}: needs --reference DIR (the environment made by ../shared/reference/setup_reference.sh)")
     ref = os.path.abspath(a.reference)
     common = [f"hydra.run.dir={run_dir}", f"task.data={data}", f"task.tokens_per_sample={t['task']['tokens_per_sample']}",
-              f"common.user_dir={ref}/root/examples/data2vec", "common.fp16=false", "common.cpu=true",
-              "common.tensorboard_logdir=null", "common.log_format=simple", "common.log_interval=25", f"common.seed={seed}",
+              f"common.user_dir={ref}/root/examples/data2vec", "common.fp16=false", f"common.cpu={str(cpu).lower()}",
+              f"common.bf16={str(a.bf16).lower()}", "common.tensorboard_logdir=null", "common.log_format=simple",
+              f"common.log_interval={log_interval}", f"common.seed={seed}",
               "distributed_training.distributed_world_size=1", f"checkpoint.save_dir={save}",
-              f"checkpoint.save_interval_updates={updates}", "dataset.num_workers=1", "dataset.disable_validation=true",
+              f"checkpoint.save_interval_updates={save_every}", "checkpoint.keep_interval_updates=-1",
+              "dataset.num_workers=1", "dataset.disable_validation=true",
               f"dataset.batch_size={batch}", "++dataset.max_tokens=null", f"optimization.max_update={updates}",
               f"optimization.lr=[{lr}]", f"optimization.clip_norm={opt['clip_norm']}",
               f"++optimization.stop_time_hours={stop}", f"model.ema_decay={m['ema_decay']}",
@@ -298,10 +309,15 @@ def main():
     ap.add_argument("--ft-set", action="append", default=[],
                     help="KEY=VALUE override of the fine-tuning (repeatable); the runs and JSON keys get it as a suffix")
     ap.add_argument("--roberta-lr", type=float, default=0.0, help="RoBERTa's peak lr (default: the tiny YAML's)")
+    ap.add_argument("--bf16", action="store_true",
+                    help="pretrain in bf16 (fairseq's --bf16 / common.bf16; every method; adds _bf16 to the tag). "
+                         "The official code then casts its teacher to bf16 too")
     ap.add_argument("--tag", default="", help="suffix of this run's folders and JSON keys (recipe variants)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the random-init baselines (already measured)")
     ap.add_argument("--out", default="data/demo/text_controls.json", help="results (merged into an existing file)")
     a = ap.parse_args()
+    if a.bf16 and "_bf16" not in a.tag:
+        a.tag += "_bf16"
     methods = [m for m in a.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
     if unknown:

@@ -15,6 +15,7 @@
 import argparse
 import json
 import os
+import re
 import statistics
 import sys
 
@@ -32,26 +33,34 @@ def vocab_suffix(vocab_size: int) -> str:
     return "" if vocab_size == 8000 else f"_v{vocab_size}"
 
 
-def build_data(work: str, labelled: int, articles: int = 0, no_reviews: bool = False, vocab_size: int = 8000):
+def build_data(work: str, labelled: int, articles: int = 0, no_reviews: bool = False, vocab_size: int = 8000,
+               data: str = ""):
     """Sample text, sentencepiece + fairseq-preprocess, and the labelled sentiment splits
-    (built once, reused) -> (pretraining data folder, classification data folder)."""
-    raw, data, cls = f"{work}/text", f"{work}/text/data", f"{work}/text/cls"
+    (built once, reused) -> (pretraining data folder, classification data folder).
+    data: a pretraining data folder made elsewhere by prep.text; the sentiment splits are then
+    encoded with its sentencepiece model and dictionary."""
+    raw, cls = f"{work}/text", f"{work}/text/cls"
     if not os.path.isfile(f"{raw}/news.txt"):
         sh([PY, "-m", "d2v_plugin.samples", "text", "--out", raw, "--n", str(articles)])
-    corpus = f"{raw}/news.txt" if no_reviews else f"{raw}/pretrain.txt"
-    if not no_reviews:
-        with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
-            reviews = [line.split("\t")[0] + "\n" for line in f]
-        with open(f"{raw}/news.txt", encoding="utf-8") as f, open(corpus, "w", encoding="utf-8") as out:
-            out.writelines(list(f) + reviews)
-        data = f"{raw}/data_news_reviews"
-    data += vocab_suffix(vocab_size)
-    if not os.path.isfile(f"{data}/train.bin"):
-        sh([PY, "-m", "d2v_plugin.prep.text", corpus, "--dest", data, "--vocab-size", str(vocab_size), "--valid-percent", "0.02"])
+    suffix = labelled_suffix(labelled)  # other label counts get their own files, so runs can share the work folder
+    if data:
+        cls = f"{cls}{suffix}_" + re.sub(r"\W+", "_", os.path.abspath(data).strip("/"))
+    else:
+        data = f"{raw}/data"
+        corpus = f"{raw}/news.txt" if no_reviews else f"{raw}/pretrain.txt"
+        if not no_reviews:
+            with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
+                reviews = [line.split("\t")[0] + "\n" for line in f]
+            with open(f"{raw}/news.txt", encoding="utf-8") as f, open(corpus, "w", encoding="utf-8") as out:
+                out.writelines(list(f) + reviews)
+            data = f"{raw}/data_news_reviews"
+        data += vocab_suffix(vocab_size)
+        if not os.path.isfile(f"{data}/train.bin"):
+            sh([PY, "-m", "d2v_plugin.prep.text", corpus, "--dest", data, "--vocab-size", str(vocab_size),
+                "--valid-percent", "0.02"])
+        cls = f"{cls}{suffix}{vocab_suffix(vocab_size)}"
     with open(f"{raw}/sentiment/train.tsv", encoding="utf-8") as f:
         rows = f.readlines()
-    suffix = labelled_suffix(labelled)  # other label counts get their own files, so runs can share the work folder
-    cls = f"{cls}{suffix}{vocab_suffix(vocab_size)}"
     with open(f"{raw}/sentiment/train_labelled{suffix}.tsv", "w", encoding="utf-8") as f:
         f.writelines(rows[:: max(1, len(rows) // labelled)][:labelled])
     sh([PY, "-m", "d2v_plugin.prep.text_classification", "--train", f"{raw}/sentiment/train_labelled{suffix}.tsv", "--valid",

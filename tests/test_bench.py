@@ -18,6 +18,7 @@ import pretrain as bench_pretrain  # noqa: E402
 import time_to_quality  # noqa: E402
 
 from d2v_plugin.models.d2v_multi import D2vMultiModel  # noqa: E402
+from d2v_plugin.probe import linear_probe  # noqa: E402
 
 
 def test_part_timer_subtracts_nested_parts():
@@ -75,9 +76,38 @@ def test_linear_probe_separates_separable_classes():
     centers = torch.randn(3, 8, generator=g) * 4
     y = torch.arange(300) % 3
     x = centers[y] + torch.randn(300, 8, generator=g)
-    assert time_to_quality.linear_probe(x[:200], y[:200], x[200:], y[200:]) > 97
+    assert linear_probe(x[:200], y[:200], x[200:], y[200:]) > 97
     shuffled = y[torch.randperm(300, generator=g)]  # labels unrelated to the features: chance level
-    assert time_to_quality.linear_probe(x[:200], shuffled[:200], x[200:], shuffled[200:]) < 60
+    assert linear_probe(x[:200], shuffled[:200], x[200:], shuffled[200:]) < 60
+
+
+FAIRSEQ_LOG = """\
+2026-12-04 04:01:20 | INFO | train_inner | epoch 001:  25 / 1588 loss=12.909, ppl=7692.91, num_updates=25, train_wall=43, wall=47
+2026-12-04 04:02:10 | INFO | fairseq.checkpoint_utils | Saved checkpoint c/checkpoint_1_25.pt (...) (writing took 2.5 seconds)
+[2026-12-04 04:02:47,1][train_inner][INFO] - epoch 001:  50 / 1588 loss=11.273, num_updates=50, train_wall=37, wall=96
+2026-12-04 04:02:48 | INFO | fairseq.checkpoint_utils | Saved checkpoint c/checkpoint_1_50.pt (...) (writing took 0.5 seconds)
+2026-12-04 04:03:23 | INFO | train_inner | epoch 001:  75 / 1588 loss=nan, ppl=nan, num_updates=75, train_wall=36, wall=130
+"""
+
+
+def test_time_to_quality_clock_stops_while_checkpoints_are_written(tmp_path):
+    log = tmp_path / "log"
+    log.write_text(FAIRSEQ_LOG)  # fairseq's simple format and Hydra's, with checkpoint writes between
+    clock, losses = time_to_quality.wall_clock(str(log))
+    assert clock == {25: 47.0, 50: 93.5, 75: 127.0}  # wall minus the writing before each line, not train_wall
+    assert losses[:2] == [(25, 12.909), (50, 11.273)] and losses[2][0] == 75 and losses[2][1] != losses[2][1]  # nan kept
+
+
+def test_time_to_quality_speedup_interpolates_between_snapshots():
+    v2 = [(50.0, 60.0), (100.0, 70.0), (150.0, 75.0)]
+    baseline = [(50.0, 55.0), (100.0, 62.0), (150.0, 65.0)]  # final 65 is reached by v2 at 50 + 50 * 5 / 10 = 75 s
+    s = time_to_quality.speedups({"d2v_v2": v2, "roberta": baseline}, "text", higher_is_better=True)["roberta"]
+    assert s["d2v_v2_seconds"] == 75.0 and s["baseline_seconds"] == 150.0 and s["speedup"] == 2.0
+    assert s["paper_speedup"] == 2.0
+    assert time_to_quality.reach_time(v2, 50.0, True) == 50.0  # already there at the first snapshot
+    assert time_to_quality.speedups({"d2v_v2": v2, "roberta": [(50.0, 80.0)]}, "text", True)["roberta"]["speedup"] is None
+    cer = [(50.0, 40.0), (100.0, 20.0)]  # lower is better: 30 is reached halfway
+    assert time_to_quality.reach_time(cer, 30.0, higher_is_better=False) == 75.0
 
 
 def test_line_chart_writes_a_png(tmp_path):
@@ -87,7 +117,6 @@ def test_line_chart_writes_a_png(tmp_path):
     plot.line_chart({"a": [(0, 50.0), (10, 60.0)], "b": [(0, 50.0), (5, 70.0)]}, path, "t", "x", "y", hline=(60.0, "h"))
     img = Image.open(path)
     assert img.size == (900, 560) and len(set(img.getdata())) > 3
-    assert plot.nice_ticks(0, 300) == [0, 50, 100, 150, 200, 250, 300]
 
 
 def audio_mask(model, src):
