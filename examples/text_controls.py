@@ -89,6 +89,8 @@ def pretrain_command(method: str, data: str, save: str, run_dir: str, updates: i
             m[key[6:]] = type(m[key[6:]])(value) if m[key[6:]] is not None else value
     lr, batch, warmup = opt["lr"][0], t["dataset"]["batch_size"], warmup or t["lr_scheduler"]["warmup_updates"]
     if method == "roberta":
+        if a.bf16:  # fairseq/options.py: --bf16 sets --tpu, and the trainer then asks torch_xla for a device
+            sys.exit("roberta: fairseq-train --bf16 means TPU (fairseq sets --tpu with it); pretrain RoBERTa in fp32")
         return [f"{BIN}/fairseq-train", data, "--task", "masked_lm", "--criterion", "masked_lm", "--arch", "roberta",
                 "--encoder-layers", str(m["depth"]), "--encoder-embed-dim", str(m["embed_dim"]),
                 "--encoder-ffn-embed-dim", str(4 * m["embed_dim"]), "--encoder-attention-heads", str(m["num_heads"]),
@@ -100,7 +102,7 @@ def pretrain_command(method: str, data: str, save: str, run_dir: str, updates: i
                 "--dropout", "0.1", "--attention-dropout", "0.1", "--seed", str(seed), "--save-dir", save,
                 "--no-epoch-checkpoints", "--save-interval-updates", str(save_every), *(["--cpu"] if cpu else []),
                 "--log-format", "simple", "--log-interval", str(log_interval), "--num-workers", "1",
-                "--disable-validation", *(["--bf16"] if a.bf16 else [])]
+                "--disable-validation"]
     if not a.reference:
         raise SystemExit(f"{method}: needs --reference DIR (the environment made by ../shared/reference/setup_reference.sh)")
     ref = os.path.abspath(a.reference)
@@ -310,8 +312,9 @@ def main():
                     help="KEY=VALUE override of the fine-tuning (repeatable); the runs and JSON keys get it as a suffix")
     ap.add_argument("--roberta-lr", type=float, default=0.0, help="RoBERTa's peak lr (default: the tiny YAML's)")
     ap.add_argument("--bf16", action="store_true",
-                    help="pretrain in bf16 (fairseq's --bf16 / common.bf16; every method; adds _bf16 to the tag). "
-                         "The official code then casts its teacher to bf16 too")
+                    help="pretrain in bf16 (common.bf16; data2vec methods: the plugin keeps its teacher fp32, the "
+                         "official code casts it to bf16; not roberta: fairseq-train's --bf16 means TPU); adds _bf16 "
+                         "to the tag")
     ap.add_argument("--tag", default="", help="suffix of this run's folders and JSON keys (recipe variants)")
     ap.add_argument("--no-baseline", action="store_true", help="skip the random-init baselines (already measured)")
     ap.add_argument("--out", default="data/demo/text_controls.json", help="results (merged into an existing file)")
