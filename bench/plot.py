@@ -7,8 +7,11 @@ from typing import Dict, List, Optional, Tuple
 def line_chart(series: Dict[str, List[Tuple[float, float]]], path: str, title: str, xlabel: str, ylabel: str,
                hline: Optional[Tuple[float, str]] = None, size: Tuple[float, float] = (9, 5.6)) -> None:
     """series: name -> [(x, y), ...] drawn as lines with markers; hline: (y, label), dashed across the plot."""
+    import logging
+
     import matplotlib
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its font search logs at DEBUG when the root logger does
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

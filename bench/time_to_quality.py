@@ -205,6 +205,10 @@ def train(mod, method: str, lr: float, seconds: float, ups: float, folder: str, 
     clock, losses = wall_clock(f"{folder}/log")
     if not losses or any(not math.isfinite(v) for _, v in losses):
         sys.exit(f"{method}: no finite training loss in {folder}/log")
+    took = clock[max(clock)]
+    if not 0.67 < took / seconds < 1.5:  # the calibrated rate did not hold: the machine's load changed
+        print(f"WARNING: {method}: {updates} updates took {took:.0f} s of training, planned {seconds:.0f} s; "
+              "run the benchmark on an otherwise idle machine", file=sys.stderr, flush=True)
     return {"lr": lr, "updates": updates, "save_every": save_every, "command": " ".join(cmd),
             "process_seconds": round(time.time() - start, 1), "clock": clock, "losses": losses}
 
@@ -271,8 +275,10 @@ def main():
         r = train(mod, method, lr, a.budget, ups, f"{runs}/{method}", a.snapshots)
         points = []
         for update, path in snapshots(f"{runs}/{method}"):
+            start = time.time()
             p = mod.probe(mod.checkpoint(method, path))
-            points.append({"update": update, "seconds": round(r["clock"][update], 1), **p})
+            points.append({"update": update, "seconds": round(r["clock"][update], 1), **p,
+                           "probe_seconds": round(time.time() - start, 1)})
             print(f"{method}: {points[-1]}", flush=True)
         final = mod.checkpoint(method, snapshots(f"{runs}/{method}")[-1][1])
         results[method] = {"calibrated_ups": round(ups, 3), "lr_trials": trials, "lr": lr, "snapshots": points,
@@ -295,6 +301,12 @@ def write(a, mod, results: dict) -> None:
                "pretraining seconds", mod.metric)
 
 
+def ranking(scores: dict, higher_is_better: bool) -> str:
+    """{method: score} -> "a > b = c" (best first, equal scores tied)."""
+    order = sorted(scores, key=lambda m: -scores[m] if higher_is_better else scores[m])
+    return "".join((" = " if scores[m] == scores[order[i - 1]] else " > ") + m if i else m for i, m in enumerate(order))
+
+
 def summary(a, mod, results: dict) -> str:
     rows = [f"{'method':<10} {'lr':>8} {'updates':>8} {'seconds':>8} {'probe %':>8} {'fine-tuned %':>13}"]
     for m, r in results.items():
@@ -309,10 +321,9 @@ def summary(a, mod, results: dict) -> str:
             rows.append(f"d2v_v2 reaches {base}'s final {s['final_quality']:.2f} after {s['d2v_v2_seconds']:.0f} s, "
                         f"{base} after {s['baseline_seconds']:.0f} s: {s['speedup']:.2f}x"
                         + (f" (paper: {s['paper_speedup']}x)" if s["paper_speedup"] else ""))
-    sign = -1 if mod.higher_is_better else 1
-    probe_rank = sorted(results, key=lambda m: sign * results[m]["snapshots"][-1]["test"])
-    ft_rank = sorted(results, key=lambda m: sign * results[m]["finetune"]["test"])
-    rows.append(f"ranking by probe: {' > '.join(probe_rank)}; by fine-tuning: {' > '.join(ft_rank)}"
+    probe_rank = ranking({m: r["snapshots"][-1]["test"] for m, r in results.items()}, mod.higher_is_better)
+    ft_rank = ranking({m: r["finetune"]["test"] for m, r in results.items()}, mod.higher_is_better)
+    rows.append(f"ranking by probe: {probe_rank}; by fine-tuning: {ft_rank}"
                 + ("" if probe_rank == ft_rank else " (they disagree)"))
     rows.append(f"wrote {a.out} and {a.png}")
     return "\n".join(rows)

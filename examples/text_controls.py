@@ -222,8 +222,14 @@ def finetune_variant(ft_set: list) -> str:
 
 
 def best_valid(log: str) -> float:
-    """The best validation accuracy of a fine-tuning log (what checkpoint_best was chosen by)."""
-    return float(re.findall(r"best_top1 ([\d.]+)", open(log).read())[-1])
+    """The best validation accuracy of a fine-tuning log (what checkpoint_best was chosen by).
+    fairseq logs best_top1 only from the second validation on, so the valid lines' top1 count too."""
+    text = open(log).read()
+    scores = [float(x) for x in re.findall(r"best_top1 ([\d.]+)", text)]
+    scores += [float(x) for x in re.findall(r"valid on 'valid' subset.*?\| top1 ([\d.]+)", text)]
+    if not scores:
+        sys.exit(f"{log}: no validation accuracy logged (fewer updates than the validation interval?)")
+    return max(scores)
 
 
 def finetune(ckpt: str, random_init: bool, seed: int, cls: str, work: str, tag: str, a) -> tuple:

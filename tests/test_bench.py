@@ -108,6 +108,8 @@ def test_time_to_quality_speedup_interpolates_between_snapshots():
     assert time_to_quality.speedups({"d2v_v2": v2, "roberta": [(50.0, 80.0)]}, "text", True)["roberta"]["speedup"] is None
     cer = [(50.0, 40.0), (100.0, 20.0)]  # lower is better: 30 is reached halfway
     assert time_to_quality.reach_time(cer, 30.0, higher_is_better=False) == 75.0
+    assert time_to_quality.ranking({"a": 57.5, "b": 60.0, "c": 57.5}, True) == "b > a = c"
+    assert time_to_quality.ranking({"a": 30.0, "b": 20.0}, False) == "b > a"
 
 
 def test_line_chart_writes_a_png(tmp_path):
