@@ -1,7 +1,7 @@
 """Time to quality: data2vec 2.0 against data2vec 1.0 and the modality's usual method, each
 trained by its real implementation through the real fairseq binaries, at equal wall-clock budgets.
 
-    python bench/time_to_quality.py --modality text [--methods d2v_v2,d2v_v1,roberta] [--budget 300]
+    python bench/time_to_quality.py --modality text [--methods d2v_v2,d2v_v1,roberta] [--budget 240]
         [--data DIR] [--reference DIR] [--device cpu|cuda] --out JSON --png PNG
 
 Modalities and their baselines:
@@ -228,7 +228,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modality", required=True, choices=("audio", "image", "text"), help="what to pretrain on")
     ap.add_argument("--methods", default="", help="comma-separated (default: d2v_v2, d2v_v1 and the modality's baseline)")
-    ap.add_argument("--budget", type=float, default=300, help="pretraining wall-clock seconds per method")
+    ap.add_argument("--budget", type=float, default=240, help="pretraining wall-clock seconds per method")
     ap.add_argument("--snapshots", type=int, default=6, help="probed checkpoints per run, every budget/N seconds")
     ap.add_argument("--lr-factors", default="0.5,1,2", help="peak lrs tried per method, as factors of its recipe's lr")
     ap.add_argument("--tune-fraction", type=float, default=0.25, help="length of each lr trial, as a fraction of the budget")
