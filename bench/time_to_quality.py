@@ -76,6 +76,31 @@ def wall_clock(log: str) -> tuple:
     return points, losses
 
 
+def clock_at(clock: dict, update: int) -> float:
+    """Training seconds at ``update`` of a run's {update: seconds}, linear between the logged updates
+    around it (fairseq logs every log_interval updates; snapshots are planned on those updates)."""
+    if update in clock:
+        return clock[update]
+    logged = sorted(clock)
+    before = [u for u in logged if u < update]
+    after = [u for u in logged if u > update]
+    if not before or not after:
+        raise ValueError(f"update {update} lies outside the logged updates {logged[0]}..{logged[-1]}")
+    u0, u1 = before[-1], after[0]
+    return clock[u0] + (clock[u1] - clock[u0]) * (update - u0) / (u1 - u0)
+
+
+def plan(seconds: float, ups: float, snaps: int) -> tuple:
+    """-> (save_every, log_interval, updates) of a run of ``seconds x ups`` updates with ``snaps``
+    evenly spaced snapshots, each one on a logged update (5 log lines between snapshots)."""
+    per_snapshot = seconds * ups / snaps
+    if per_snapshot < 5:
+        return max(1, math.ceil(per_snapshot)), 1, max(1, math.ceil(per_snapshot)) * snaps
+    log_interval = math.ceil(per_snapshot / 5)
+    save_every = 5 * log_interval
+    return save_every, log_interval, save_every * snaps
+
+
 def run(cmd: list, log: str, env: dict = None) -> None:
     print("$ " + " ".join(cmd), flush=True)
     with open(log, "w") as f:
@@ -146,13 +171,13 @@ class Text:
     def warmup(self, method: str) -> int:
         return int(self.recipe(method)["lr_scheduler"]["warmup_updates"])
 
-    def command(self, method: str, lr: float, updates: int, save_every: int, folder: str) -> tuple:
+    def command(self, method: str, lr: float, updates: int, save_every: int, log_interval: int, folder: str) -> tuple:
         """-> (command, environment) of one pretraining run."""
         a = argparse.Namespace(updates=[f"{method}={updates}"], budget=self.a.budget, roberta_lr=lr, reference="",
                                bf16=False, device=self.a.device,
                                set=[] if method == "roberta" else [f"optimization.lr=[{lr}]"])
         cmd = self.tc.pretrain_command(method, self.data, f"{folder}/ckpt", f"{folder}/hydra", updates, self.a.seed, a,
-                                       save_every=save_every, log_interval=max(1, save_every // 5),
+                                       save_every=save_every, log_interval=log_interval,
                                        warmup=min(self.warmup(method), updates // 2))  # short runs: half warm-up at most
         env = dict(os.environ, OMP_NUM_THREADS=str(self.a.threads))
         return cmd, env
@@ -195,11 +220,10 @@ def snapshots(folder: str) -> list:
 
 def train(mod, method: str, lr: float, seconds: float, ups: float, folder: str, snaps: int) -> dict:
     """One pretraining run of ``seconds x ups`` updates with ``snaps`` checkpoints -> its log's facts."""
-    save_every = max(1, math.ceil(seconds * ups / snaps))
-    updates = save_every * snaps
+    save_every, log_interval, updates = plan(seconds, ups, snaps)
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    cmd, env = mod.command(method, lr, updates, save_every, folder)
+    cmd, env = mod.command(method, lr, updates, save_every, log_interval, folder)
     start = time.time()
     run(cmd, f"{folder}/log", env)
     clock, losses = wall_clock(f"{folder}/log")
@@ -217,7 +241,7 @@ def updates_per_second(mod, method: str, lr: float, updates: int, folder: str) -
     """Calibration: the rate of the second half of a short run (the first includes start-up)."""
     shutil.rmtree(folder, ignore_errors=True)
     os.makedirs(folder)
-    cmd, env = mod.command(method, lr, updates, updates, folder)
+    cmd, env = mod.command(method, lr, updates, updates, max(1, updates // 10), folder)
     run(cmd, f"{folder}/log", env)
     clock, _ = wall_clock(f"{folder}/log")
     (u0, t0), (u1, t1) = sorted(clock.items())[len(clock) // 2 - 1], sorted(clock.items())[-1]
@@ -277,7 +301,7 @@ def main():
         for update, path in snapshots(f"{runs}/{method}"):
             start = time.time()
             p = mod.probe(mod.checkpoint(method, path))
-            points.append({"update": update, "seconds": round(r["clock"][update], 1), **p,
+            points.append({"update": update, "seconds": round(clock_at(r["clock"], update), 1), **p,
                            "probe_seconds": round(time.time() - start, 1)})
             print(f"{method}: {points[-1]}", flush=True)
         final = mod.checkpoint(method, snapshots(f"{runs}/{method}")[-1][1])

@@ -98,6 +98,21 @@ def test_time_to_quality_clock_stops_while_checkpoints_are_written(tmp_path):
     assert losses[:2] == [(25, 12.909), (50, 11.273)] and losses[2][0] == 75 and losses[2][1] != losses[2][1]  # nan kept
 
 
+def test_time_to_quality_snapshots_fall_on_logged_updates():
+    # the default-budget text run: 240 s x 2.31 updates/s over 6 snapshots = 92.4 updates each; a
+    # log interval of 18 logs 90 and 108 but not the snapshot at 93 (KeyError in the first real run)
+    save_every, log_interval, updates = time_to_quality.plan(240, 2.31, 6)
+    assert (save_every, log_interval, updates) == (95, 19, 570) and save_every % log_interval == 0
+    assert time_to_quality.plan(10, 1.0, 6) == (2, 1, 12)  # fewer than 5 updates per snapshot: log each update
+    for seconds, ups in [(60, 0.7), (240, 3.3), (1000, 11.0)]:
+        every, interval, total = time_to_quality.plan(seconds, ups, 6)
+        assert every % interval == 0 and total == 6 * every and total >= seconds * ups
+    clock = {90: 45.0, 108: 54.0}  # a snapshot between logged updates: linear between them
+    assert time_to_quality.clock_at(clock, 93) == 46.5 and time_to_quality.clock_at(clock, 108) == 54.0
+    with pytest.raises(ValueError, match="outside the logged updates"):
+        time_to_quality.clock_at(clock, 120)
+
+
 def test_time_to_quality_speedup_interpolates_between_snapshots():
     v2 = [(50.0, 60.0), (100.0, 70.0), (150.0, 75.0)]
     baseline = [(50.0, 55.0), (100.0, 62.0), (150.0, 65.0)]  # final 65 is reached by v2 at 50 + 50 * 5 / 10 = 75 s
