@@ -4,7 +4,9 @@ Families: ``data2vec2`` (``data2vec_multi``, speech, images or text), ``data2vec
 (``data2vec_audio``), ``data2vec1_text`` (``data2vec_text``) and ``roberta`` (fairseq's own
 RoBERTa masked LM, the same post-LN encoder as data2vec 1.0 text: its encoder converts to a
 ``d2v_multi`` v1 text model whose regression head is freshly initialised, so RoBERTa can be
-fine-tuned, probed and extracted exactly like a data2vec model; its LM head is dropped).
+fine-tuned, probed and extracted exactly like a data2vec model; its LM head is dropped) and
+``mae`` (the official masked autoencoder of ``examples/data2vec``: its timm ViT encoder converts
+to a pre-LN ``d2v_multi`` v2 image model, its pixel decoder is dropped).
 The converted config sets ``padding_aware=false`` so a converted model computes exactly
 what the official code computes.
 """
@@ -51,6 +53,7 @@ V2_RULES: Rules = _conv_extractor_rules("modality_encoders.AUDIO.local_encoder."
     (r"^modality_encoders\.TEXT\.decoder\.blocks\.(\d+)\.0\.", _TEXT + r"decoder.layers.\1."),
     (r"^modality_encoders\.TEXT\.decoder\.proj\.", _TEXT + "decoder.proj."),
     (r"^blocks\.", "blocks."),
+    (r"^norm\.", "norm."),  # pre-LN models only: the LayerNorm after the last block
 ]
 
 def _fairseq_layer_rules(official_prefix: str) -> Rules:
@@ -82,7 +85,16 @@ V1_TEXT_RULES: Rules = _fairseq_layer_rules("encoder.sentence_encoder.") + [
 
 ROBERTA_RULES: Rules = V1_TEXT_RULES[:-1]
 
-FAMILIES = ("data2vec2", "data2vec1_audio", "data2vec1_text", "roberta")
+MAE_RULES: Rules = [  # timm's PatchEmbed and Block keys; the pixel decoder is dropped
+    (r"^patch_embed\.proj\.", _IMAGE + "patch_embed.proj."),
+    (r"^cls_token$", _IMAGE + "extra_tokens"),
+    (r"^pos_embed$", _IMAGE + "positions"),
+    (r"^blocks\.", "blocks."),
+    (r"^norm\.", "norm."),
+]
+MAE_DECODER = re.compile(r"^(decoder_|mask_token$)")
+
+FAMILIES = ("data2vec2", "data2vec1_audio", "data2vec1_text", "roberta", "mae")
 IGNORED = re.compile(r"(^|\.)version$|^_ema$|^encoder\._ema$|^encoder\.lm_head\.")
 
 
@@ -124,14 +136,28 @@ def convert_state_dict(sd: Dict, family: str) -> Dict:
         rules, ema_prefix = V1_TEXT_RULES, "encoder.sentence_encoder."
     elif family == "roberta":
         rules, ema_prefix = ROBERTA_RULES, ""
+    elif family == "mae":
+        return _mae_state(sd)
     else:
         raise ValueError(f"unsupported checkpoint family {family!r} (supported: {', '.join(FAMILIES)})")
     out = _convert(sd, rules)
     if family == "data2vec1_text" and "final_proj.0.weight" in out and "final_proj.2.weight" not in out:
         out = {re.sub(r"^final_proj\.0\.", "final_proj.", k): v for k, v in out.items()}  # head_layers 1: one Linear
     ema = sd.get("_ema", sd.get("encoder._ema"))
-    if ema is not None:
-        out["_ema"] = _convert(ema, rules, ema_prefix)
+    if ema is not None:  # the teacher's final norm is never used: targets are block outputs
+        out["_ema"] = {k: v for k, v in _convert(ema, rules, ema_prefix).items() if not k.startswith("norm.")}
+    return out
+
+
+def _mae_state(sd: Dict) -> Dict:
+    """MAE adds ``pos_embed[:, 0]`` to its CLS token and ``pos_embed[:, 1:]`` to the patches;
+    d2v_multi adds positions to the patches only, so the CLS position folds into the token."""
+    out = _convert({k: v for k, v in sd.items() if not MAE_DECODER.search(k)}, MAE_RULES)
+    table = out[_IMAGE + "positions"]
+    E = 1 if _IMAGE + "extra_tokens" in out else 0
+    out[_IMAGE + "positions"] = table[:, E:].clone()
+    if E:
+        out[_IMAGE + "extra_tokens"] = out[_IMAGE + "extra_tokens"] + table[:, :E]
     return out
 
 
@@ -179,6 +205,8 @@ def convert_config(c: Dict, family: str, vocab_size: int = 0) -> Dict:
         return _v1_text_config(c, vocab_size)
     if family == "roberta":
         return _roberta_config(c, vocab_size)
+    if family == "mae":
+        return _mae_config(c)
     raise ValueError(f"unsupported config family {family!r}")
 
 
@@ -362,6 +390,24 @@ def _roberta_config(c: Dict, vocab_size: int) -> Dict:
     )
 
 
+def _mae_config(c: Dict) -> Dict:
+    """The official ``mae`` (timm ViT blocks: pre-LN, final LayerNorm, fixed sin-cos positions,
+    one CLS token): its encoder as a pre-LN data2vec 2.0 image model. The pixel decoder has no
+    counterpart; the data2vec 2.0 settings (targets, EMA, conv decoder) are d2v_multi's defaults,
+    and the masking keeps MAE's ratio, for whoever continues with data2vec pretraining."""
+    other = [k for k in ("w2v_block", "alt_block", "alt_block2", "alt_attention", "use_rel_pos_bias") if c.get(k)]
+    if other:
+        raise ValueError(f"MAE checkpoints with {', '.join(other)} are not supported (timm ViT blocks only)")
+    return dict(
+        algorithm="v2", modalities="image", depth=c["depth"], embed_dim=c["embed_dim"], num_heads=c["num_heads"],
+        mlp_ratio=float(c["mlp_ratio"]), norm_eps=c["norm_eps"], layer_norm_first=True, encoder_dropout=0.0,
+        attention_dropout=0.0, activation_dropout=0.0, post_mlp_dropout=0.0, dropout_input=0.0, layerdrop=0.0,
+        drop_path=c.get("drop_path_rate", 0.0), padding_aware=False, average_top_k_layers=min(3, c["depth"]),
+        image_input_size=c["input_size"], image_patch_size=c["patch_size"], image_in_chans=c["in_chans"],
+        image_prenet_depth=0, image_num_extra_tokens=0 if c.get("no_cls") else 1, image_mask_prob=c["mask_ratio"],
+    )
+
+
 def _fresh_pretraining_weights(cfg: Dict, state: Dict) -> Dict:
     """The weights a d2v_multi model of ``cfg`` has but ``state`` lacks (RoBERTa: the
     regression head), freshly initialised (seed 0), so the checkpoint is a complete model."""
@@ -406,7 +452,7 @@ def convert_training(training: Dict) -> Dict:
 
 
 OFFICIAL_MODELS = {"data2vec_multi": "data2vec2", "data2vec_audio": "data2vec1_audio", "data2vec_text": "data2vec1_text",
-                   "roberta": "roberta"}
+                   "roberta": "roberta", "mae": "mae"}
 
 
 def model_name(cfg) -> str:
@@ -465,7 +511,7 @@ def convert_checkpoint(ckpt: Dict, dictionary: bytes = b"", spm_model: bytes = b
     as_bytes = lambda b: torch.frombuffer(bytearray(b), dtype=torch.uint8) if b else None  # noqa: E731
     updates = (ckpt.get("optimizer_history") or [{}])[-1].get("num_updates", 0)
     state = convert_state_dict(sd, family)
-    if family == "roberta":
+    if family in ("roberta", "mae"):  # no regression head / conv decoder: freshly initialised
         state = _fresh_pretraining_weights(cfg, state)
     return {
         "cfg": {"model": {"_name": "d2v_multi", **cfg}, "task": task, "converted_from": family},

@@ -33,7 +33,7 @@ def fixture_kind(path: Path) -> str:
     return "unknown"
 
 
-MODEL_FILES = sorted(p for p in GOLDEN_DIR.glob("*.pt") if p.name != "components.pt" and not p.name.startswith("traj_"))
+MODEL_FILES = sorted(p for p in GOLDEN_DIR.glob("*.pt") if p.name != "components.pt" and not p.name.startswith(("traj_", "mae_")))
 KINDS = {p: fixture_kind(p) for p in MODEL_FILES}
 AUDIO_FIXTURES = [p for p in MODEL_FILES if KINDS[p] == "audio"]
 IMAGE_FIXTURES = [p for p in MODEL_FILES if KINDS[p] == "image"]

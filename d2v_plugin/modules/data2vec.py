@@ -92,6 +92,9 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
                              "of the shared blocks; lower it or raise depth")
         self.blocks = nn.ModuleList(self.make_block(i, s.depth) for i in range(s.depth))
         self.dropout_input = nn.Dropout(s.dropout_input)
+        # pre-LN blocks leave their residual stream unnormalised: one LayerNorm after the last
+        # block (the official ``norm``, present only with layer_norm_first; not in the teacher)
+        self.norm = nn.LayerNorm(s.embed_dim, eps=s.norm_eps) if s.layer_norm_first else None
         self.final_proj = regression_head(s.embed_dim, s.head_layers) if s.algorithm == "v1" else None
         self.apply(init_bert_params)
         for enc in self.encoders():
@@ -171,9 +174,9 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
     def encode(self, enc: ModalityEncoder, x: Tensor, padding_mask: Optional[Tensor], positions: Tensor,
                blocks: nn.ModuleList, keep_last: Optional[int] = 0, student: bool = True):
         """Extra tokens + context stage + shared blocks. x: (B, K, D) with positions added;
-        positions: (B, K) index of each token (for ALiBi). Returns (B, E + K, D) and the
-        blocks' FFN outputs, extra tokens included. The teacher (``student=False``) runs
-        without input dropout."""
+        positions: (B, K) index of each token (for ALiBi). Returns (B, E + K, D) (pre-LN
+        students: after the final ``norm``) and the blocks' FFN outputs, extra tokens
+        included. The teacher (``student=False``) runs without input dropout."""
         if enc.num_extra:
             x = torch.cat([enc.extra_tokens.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
             if padding_mask is not None:
@@ -182,7 +185,10 @@ class Data2Vec(CompiledBlocksMixin, nn.Module):
         x = enc.context(x, bias)
         if student:
             x = self.dropout_input(x)
-        return self.run_shared_blocks(blocks, x, bias, self.settings.layerdrop, keep_last)
+        x, layer_outputs = self.run_shared_blocks(blocks, x, bias, self.settings.layerdrop, keep_last)
+        if student and self.norm is not None and len(blocks) == len(self.blocks):
+            x = self.norm(x)  # the student's output after all blocks (decoder input, features)
+        return x, layer_outputs
 
     @torch.no_grad()
     def forward_teacher(self, modality: str, feats: Tensor, padding_mask: Optional[Tensor], source: Optional[Tensor] = None):
