@@ -205,7 +205,151 @@ class Text:
                 "std": round(statistics.stdev(tests), 2) if len(tests) > 1 else 0.0}
 
 
-MODALITIES = {"text": Text}
+def read_list(tsv: str) -> list:
+    """A prep.image_folder split list -> [(image path, label)]."""
+    with open(tsv, encoding="utf-8") as f:
+        root = f.readline().rstrip("\n")
+        return [(os.path.join(root, rel), label) for rel, label in (ln.rstrip("\n").split("\t") for ln in f if ln.strip())]
+
+
+class Image:
+    """Images: data2vec 1.0 / 2.0 (config/pretrain/image/tiny_v1.yaml / tiny_v2.yaml) and the official
+    MAE of examples/data2vec (``mae`` model, ``mae_image_pretraining`` task, base_mae_imagenet.yaml at
+    the same encoder size, run in the reference environment); linear probe and fine-tuning."""
+
+    methods = ("d2v_v2", "d2v_v1", "mae")
+    metric, higher_is_better = "linear-probe test top-1 %", True
+    # MAE's base decoder (512 wide, 8 blocks, 16 heads of 32) scaled with the encoder (768 x 12 -> 128 x 4)
+    MAE_DECODER = {"decoder_embed_dim": 96, "decoder_depth": 3, "decoder_num_heads": 3}
+
+    def __init__(self, a, work: str):
+        from image_v1_vs_v2 import make_images
+
+        self.a, self.work = a, work
+        self.lists = os.path.abspath(a.data) if a.data else make_images(work, 5000, 1000)
+        missing = [f for f in ("train.tsv", "valid.tsv", "labelled.tsv", "labels.txt") if not os.path.isfile(f"{self.lists}/{f}")]
+        if missing:
+            sys.exit(f"--data {self.lists}: no {', '.join(missing)}; make the folder with `python -m "
+                     "d2v_plugin.prep.image_folder IMAGES --dest DIR --labelled N` (IMAGES/train and IMAGES/valid in class "
+                     "folders: the probe and fine-tuning need labels)")
+        self.labels = [ln.strip() for ln in open(f"{self.lists}/labels.txt") if ln.strip()]
+        labelled = read_list(f"{self.lists}/labelled.tsv")
+        unlabelled = [x for x in read_list(f"{self.lists}/train.tsv") if x not in set(labelled)]
+        import random
+
+        random.Random(a.seed).shuffle(unlabelled)  # the probe's validation: training images outside labelled.tsv
+        self.probe_splits = {"train": labelled, "valid": unlabelled[:len(labelled)],
+                             "test": read_list(f"{self.lists}/valid.tsv")}
+        if any(not label for split in self.probe_splits.values() for _, label in split):
+            sys.exit(f"--data {self.lists}: the probe needs labelled train/ and valid/ images (class folders)")
+
+    def recipe(self, method: str) -> dict:
+        from omegaconf import OmegaConf
+
+        name = "tiny_v1" if method == "d2v_v1" else "tiny_v2"  # mae: centred on the same lr and warm-up as data2vec 2.0
+        return OmegaConf.to_container(OmegaConf.load(f"{ROOT}/config/pretrain/image/{name}.yaml"))
+
+    def default_lr(self, method: str) -> float:
+        return float(self.recipe(method)["optimization"]["lr"][0])
+
+    def warmup(self, method: str) -> int:
+        return int(self.recipe(method)["lr_scheduler"]["warmup_updates"])
+
+    def mae_root(self) -> str:
+        """An ImageFolder root (ROOT/train/all/...) of the listed training images, as symlinks: MAE's
+        dataset reads torchvision's ImageFolder, the plugin's methods the list itself."""
+        root = f"{self.work}/mae_imagefolder"
+        folder = f"{root}/train/all"
+        images = [path for path, _ in read_list(f"{self.lists}/train.tsv")]
+        if not os.path.isdir(folder) or len(os.listdir(folder)) != len(images):
+            shutil.rmtree(root, ignore_errors=True)
+            os.makedirs(folder)
+            for i, path in enumerate(images):
+                os.symlink(path, f"{folder}/{i:07d}{os.path.splitext(path)[1]}")
+        return root
+
+    def command(self, method: str, lr: float, updates: int, save_every: int, log_interval: int, folder: str) -> tuple:
+        """-> (command, environment) of one pretraining run."""
+        cpu = str(self.a.device == "cpu").lower()
+        warmup = min(self.warmup(method), updates // 2)  # short runs: half warm-up at most
+        ckpt = [f"hydra.run.dir={folder}/hydra", f"checkpoint.save_dir={folder}/ckpt", f"common.seed={self.a.seed}",
+                f"optimization.max_update={updates}", f"optimization.lr=[{lr}]", "dataset.disable_validation=true",
+                f"checkpoint.save_interval_updates={save_every}", "checkpoint.keep_interval_updates=-1",
+                "checkpoint.no_epoch_checkpoints=true", "common.log_format=simple", f"common.log_interval={log_interval}",
+                f"common.cpu={cpu}", "common.fp16=false", "dataset.num_workers=1"]
+        env = dict(os.environ, OMP_NUM_THREADS=str(self.a.threads))
+        if method.startswith("d2v"):
+            from demo_common import BIN, user_dir
+
+            return [f"{BIN}/fairseq-hydra-train", "--config-dir", f"{ROOT}/config/pretrain/image", "--config-name",
+                    "tiny_" + method[-2:], f"task.data={self.lists}", f"common.user_dir={user_dir()}",
+                    f"model.ema_anneal_end_step={updates}", "dataset.validate_interval_updates=0",
+                    f"lr_scheduler.warmup_updates={warmup}", *ckpt], env
+        if not self.a.reference:
+            sys.exit("mae: needs --reference DIR (the environment made by ../shared/reference/setup_reference.sh)")
+        ref = os.path.abspath(self.a.reference)
+        d2v = f"{ref}/root/examples/data2vec"
+        m = self.recipe("d2v_v2")["model"]
+        return [f"{ref}/venv/bin/python", f"{HERE}/official_mae.py", "--config-dir", f"{d2v}/config/vision/pretraining",
+                "--config-name", "base_mae_imagenet", f"common.user_dir={d2v}", f"task.data={self.mae_root()}",
+                f"task.input_size={m['image_input_size']}", f"model.input_size={m['image_input_size']}",
+                f"model.patch_size={m['image_patch_size']}", f"model.embed_dim={m['embed_dim']}", f"model.depth={m['depth']}",
+                f"model.num_heads={m['num_heads']}", *(f"model.{k}={v}" for k, v in self.MAE_DECODER.items()),
+                f"dataset.batch_size={self.recipe('d2v_v2')['dataset']['batch_size']}",
+                "distributed_training.distributed_world_size=1", "common.tensorboard_logdir=null",
+                *(f"optimizer.groups.{g}.lr_float={lr}" for g in ("with_decay", "no_decay")),
+                *(f"optimizer.groups.{g}.lr_scheduler.warmup_updates={warmup}" for g in ("with_decay", "no_decay")),
+                *ckpt], env
+
+    def checkpoint(self, method: str, path: str) -> str:
+        """-> a d2v_plugin checkpoint of the snapshot (MAE's converted: its encoder as a pre-LN d2v_multi model)."""
+        if method.startswith("d2v"):
+            return path
+        out = path[:-3] + "_d2v.pt"
+        if not os.path.isfile(out):
+            subprocess.run([sys.executable, "-m", "d2v_plugin.convert", "--from-fairseq", path, "--out", out], check=True,
+                           cwd=ROOT, stdout=subprocess.DEVNULL)
+        return out
+
+    def probe(self, ckpt: str) -> dict:
+        """Every block's mean-pooled patch outputs, and the final output (after the final norm of
+        pre-LN models), each probed; the layer chosen on validation -> {"valid", "test", "layer"}."""
+        import numpy as np
+        import torch
+
+        import d2v_plugin
+        from d2v_plugin.probe import best_layer_probe
+
+        ex = d2v_plugin.load(ckpt)
+        torch.set_num_threads(self.a.threads)
+        feats, y = {}, {}
+        for split, items in self.probe_splits.items():
+            paths = [p for p, _ in items]
+            blocks = np.stack(ex.extract(paths, layer="all", pool="mean", batch_size=250))  # (N, L, D)
+            final = np.stack(ex.extract(paths, layer="last", pool="mean", batch_size=250))[:, None]  # (N, 1, D)
+            feats[split] = torch.from_numpy(np.concatenate([blocks, final], 1)).float()
+            y[split] = torch.tensor([self.labels.index(label) for _, label in items])
+        names = [*range(1, feats["train"].shape[1]), "final"]
+        return best_layer_probe(feats, y, names)
+
+    def finetune(self, ckpt: str, method: str, folder: str) -> dict:
+        """config/finetune/image/tiny.yaml on labelled.tsv, as in the demo; top-1 on the valid split."""
+        from demo_common import fairseq_validate, finetune_runs
+
+        def evaluate(best, log):
+            return {"top1": fairseq_validate(self.lists, "d2v_image_classification", best, "valid", 128, log)["top1"]}
+
+        os.makedirs(folder, exist_ok=True)
+        tests = []
+        for seed in self.a.ft_seeds:
+            r = finetune_runs(folder, f"{method}_s{seed}", "config/finetune/image", self.lists, ckpt, seed,
+                              {"pretrained": ("false", self.a.ft_updates, [])}, evaluate, "dataset.train_subset=labelled")
+            tests.append(r["pretrained"]["top1"])
+        return {"test": round(statistics.mean(tests), 2), "runs": tests,
+                "std": round(statistics.stdev(tests), 2) if len(tests) > 1 else 0.0}
+
+
+MODALITIES = {"text": Text, "image": Image}
 
 
 def snapshots(folder: str) -> list:

@@ -25,3 +25,20 @@ def linear_probe(xtr: torch.Tensor, ytr: torch.Tensor, xte: torch.Tensor, yte: t
     opt.step(closure)
     with torch.no_grad():
         return 100.0 * float(((xte @ W + b).argmax(1) == yte).double().mean())
+
+
+def best_layer_probe(feats: dict, labels: dict, names=None) -> dict:
+    """One linear probe per candidate layer, the layer chosen on validation.
+
+    feats: {"train", "valid", "test"} -> (N, L, D) features of L candidate layers; labels: the
+    same splits -> (N,) class ids; names: L labels of the candidates (default 1..L) ->
+    {"layer": the chosen candidate, "valid": %, "test": %} (ties: the later layer)."""
+    L = feats["train"].shape[1]
+    names = list(names) if names is not None else list(range(1, L + 1))
+    scores = []
+    for i in range(L):
+        fit = (feats["train"][:, i], labels["train"])
+        scores.append((linear_probe(*fit, feats["valid"][:, i], labels["valid"]), i,
+                       linear_probe(*fit, feats["test"][:, i], labels["test"])))
+    valid, i, test = max(scores)  # by validation only
+    return {"layer": names[i], "valid": round(valid, 2), "test": round(test, 2)}

@@ -267,7 +267,7 @@ def probe(ckpt: str, raw: str, random_seed=None, labelled: int = 2000) -> dict:
     """Block-wise frozen probe -> {"layer": chosen block (1-based), "valid": %, "test": %}."""
     import d2v_plugin
     from d2v_plugin.modules.data2vec import Data2Vec
-    from d2v_plugin.probe import linear_probe
+    from d2v_plugin.probe import best_layer_probe
 
     ex = d2v_plugin.load(ckpt)
     if random_seed is not None:  # the same architecture, freshly initialised
@@ -282,13 +282,7 @@ def probe(ckpt: str, raw: str, random_seed=None, labelled: int = 2000) -> dict:
         splits[split] = (feats, labels)
     classes = sorted(set(splits["train"][1]))
     y = {s: torch.tensor([classes.index(v) for v in splits[s][1]]) for s in splits}
-    scores = []
-    for layer in range(splits["train"][0].shape[1]):
-        x = {s: splits[s][0][:, layer] for s in splits}
-        scores.append((linear_probe(x["train"], y["train"], x["valid"], y["valid"]),
-                       linear_probe(x["train"], y["train"], x["test"], y["test"]), layer + 1))
-    valid, test, layer = max(scores)
-    return {"layer": layer, "valid": round(valid, 2), "test": round(test, 2)}
+    return best_layer_probe({s: splits[s][0] for s in splits}, y)
 
 
 def spread(values):

@@ -18,7 +18,7 @@ import pretrain as bench_pretrain  # noqa: E402
 import time_to_quality  # noqa: E402
 
 from d2v_plugin.models.d2v_multi import D2vMultiModel  # noqa: E402
-from d2v_plugin.probe import linear_probe  # noqa: E402
+from d2v_plugin.probe import best_layer_probe, linear_probe  # noqa: E402
 
 
 def test_part_timer_subtracts_nested_parts():
@@ -88,6 +88,19 @@ FAIRSEQ_LOG = """\
 2026-12-04 04:02:48 | INFO | fairseq.checkpoint_utils | Saved checkpoint c/checkpoint_1_50.pt (...) (writing took 0.5 seconds)
 2026-12-04 04:03:23 | INFO | train_inner | epoch 001:  75 / 1588 loss=nan, ppl=nan, num_updates=75, train_wall=36, wall=130
 """
+
+
+def test_best_layer_probe_picks_the_layer_by_validation_only():
+    g = torch.Generator().manual_seed(0)
+    y = {s: torch.randint(0, 2, (n,), generator=g) for s, n in (("train", 200), ("valid", 100), ("test", 100))}
+    noise = {s: torch.randn(len(y[s]), 3, 4, generator=g) for s in y}
+    feats = {s: noise[s].clone() for s in y}
+    for s in y:  # layer 2 carries the label; layers 1 and 3 are noise
+        feats[s][:, 1, 0] += 6 * y[s]
+    r = best_layer_probe(feats, y, names=["a", "b", "c"])
+    assert r["layer"] == "b" and r["valid"] > 95 and r["test"] > 95
+    feats["test"][:, 1] = noise["test"][:, 1]  # the test split alone cannot change the choice
+    assert best_layer_probe(feats, y)["layer"] == 2
 
 
 def test_time_to_quality_clock_stops_while_checkpoints_are_written(tmp_path):
