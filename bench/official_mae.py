@@ -1,7 +1,7 @@
 """Run the official MAE (``examples/data2vec/models/mae.py``, task ``mae_image_pretraining``) with
 the fairseq of the reference environment, on the timm that environment has.
 
-    REF/venv/bin/python bench/official_mae.py --config-dir REF/root/examples/data2vec/config/vision/pretraining \
+    PYTHONPATH=REF/root REF/venv/bin/python bench/official_mae.py --config-dir REF/root/examples/data2vec/config/vision/pretraining \
         --config-name base_mae_imagenet common.user_dir=REF/root/examples/data2vec task.data=ROOT ...
 
 Arguments are ``fairseq-hydra-train``'s. The official model builds timm's ``Block`` with

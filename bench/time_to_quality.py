@@ -289,12 +289,15 @@ class Image:
             sys.exit("mae: needs --reference DIR (the environment made by ../shared/reference/setup_reference.sh)")
         ref = os.path.abspath(self.a.reference)
         d2v = f"{ref}/root/examples/data2vec"
+        env["PYTHONPATH"] = f"{ref}/root"  # the official code imports examples.data2vec.*
         m = self.recipe("d2v_v2")["model"]
         return [f"{ref}/venv/bin/python", f"{HERE}/official_mae.py", "--config-dir", f"{d2v}/config/vision/pretraining",
                 "--config-name", "base_mae_imagenet", f"common.user_dir={d2v}", f"task.data={self.mae_root()}",
-                f"task.input_size={m['image_input_size']}", f"model.input_size={m['image_input_size']}",
-                f"model.patch_size={m['image_patch_size']}", f"model.embed_dim={m['embed_dim']}", f"model.depth={m['depth']}",
-                f"model.num_heads={m['num_heads']}", *(f"model.{k}={v}" for k, v in self.MAE_DECODER.items()),
+                # the yaml's task and model are untyped dicts to Hydra: fields it does not set are added (++)
+                f"++task.input_size={m['image_input_size']}", f"++model.input_size={m['image_input_size']}",
+                f"++model.patch_size={m['image_patch_size']}", f"++model.embed_dim={m['embed_dim']}",
+                f"++model.depth={m['depth']}", f"++model.num_heads={m['num_heads']}",
+                *(f"++model.{k}={v}" for k, v in self.MAE_DECODER.items()),
                 f"dataset.batch_size={self.recipe('d2v_v2')['dataset']['batch_size']}",
                 "distributed_training.distributed_world_size=1", "common.tensorboard_logdir=null",
                 *(f"optimizer.groups.{g}.lr_float={lr}" for g in ("with_decay", "no_decay")),
